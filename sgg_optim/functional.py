@@ -1,0 +1,217 @@
+"""The guidance step as pure functions over lists of tensors.
+
+Three stages, as in ``torch.optim``'s functional optimizers:
+
+1. :func:`block_stats` reads every gradient once (with its references) and returns one
+   small ``[num_blocks, 1 + 2k]`` tensor: ``|g|^2``, ``<g, r_i>`` and ``|r_i|^2``.
+   Under sharded gradients this is the only tensor that needs an ``all_reduce``.
+2. :func:`guidance_coefficients` turns the statistics into per-block scalars
+   (source weights, direction rule, magnitude rule): ``g <- a g + sum_i b_i r_i``.
+3. :func:`apply_guidance_` writes the gradients once, fused with the EMA-reference
+   update when there is one.
+
+Coefficients may be device tensors (no host sync) or Python floats read in the one
+sync that the non-finite check already costs; with floats, identity blocks
+(``a = 1, b = 0``: gradient already inside the cone, nothing to clip) are not
+written at all.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from .config import GuidanceConfig
+from .rules import DIRECTION_RULES, MAGNITUDE_RULES, BlockStats, alignment_weights, block_validity
+from .storage import Store
+
+Scalar = Union[float, Tensor]
+
+# Index of each reported figure in the packed vector (see Coefficients.figures).
+FIGURES = ("grad_norm", "guided_norm", "cos", "scale", "projected")
+
+
+def stats_dtype(device: torch.device) -> torch.dtype:
+    """float64 for block statistics where the device has it (MPS does not)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def block_stats(
+    grads: Sequence[Tensor],
+    refs: Sequence[Sequence[Optional[Store]]],
+    block_ids: Tensor,
+    num_blocks: int,
+    ref_sqnorms: Optional[Sequence[Optional[Tensor]]] = None,
+) -> Tensor:
+    """Per-block ``[|g|^2, <g, r_1>.. <g, r_k>, |r_1|^2 .. |r_k|^2]``, shape ``[B, 1 + 2k]``.
+
+    ``refs[t][i]`` is source ``i``'s reference for gradient ``t`` (None: not used for
+    that tensor). ``ref_sqnorms[t]``, when given, holds the ``k`` known ``|r_i|^2`` of a
+    frozen reference, so only ``<g, r_i>`` is read. Partial sums are per tensor,
+    accumulated in float64.
+
+    Example:
+        >>> from sgg_optim.storage import make_store
+        >>> g = [torch.tensor([3.0, 4.0]), torch.tensor([1.0])]
+        >>> r = [[make_store(torch.tensor([1.0, 0.0]), "fp32")], [None]]
+        >>> block_stats(g, r, torch.tensor([0, 0]), 1).tolist()
+        [[26.0, 3.0, 1.0]]
+    """
+    if not grads:
+        raise ValueError("block_stats needs at least one gradient")
+    k = max((len(rs) for rs in refs), default=0)
+    device = grads[0].device
+    dtype = stats_dtype(device)
+    zero = torch.zeros((), device=device, dtype=dtype)
+    norms = torch._foreach_norm([g if g.dtype == torch.float32 else g.float() for g in grads]) \
+        if all(g.device == device for g in grads) else [g.float().norm() for g in grads]
+    rows = []
+    for t, (g, rs) in enumerate(zip(grads, refs)):
+        known = ref_sqnorms[t] if ref_sqnorms is not None else None
+        dots, sq = [], []
+        for i in range(k):
+            r = rs[i] if i < len(rs) else None
+            if r is None:
+                dots.append(zero)
+                sq.append(zero)
+                continue
+            dots.append(r.dot(g).to(device, dtype))
+            sq.append(known[i].to(device, dtype) if known is not None else r.sqnorm().to(device, dtype))
+        rows.append(torch.stack([norms[t].to(device, dtype).square(), *dots, *sq]))
+    partial = torch.stack(rows)
+    return torch.zeros(num_blocks, 1 + 2 * k, device=device, dtype=dtype).index_add_(
+        0, block_ids.to(device), partial)
+
+
+class Coefficients(NamedTuple):
+    """Per-block scalars of one guidance step, and the state it would commit.
+
+    ``g <- a g + sum_i b[:, i] r_i``. ``norm`` is each block's final norm (what the
+    magnitude EMA is fed), ``alignment`` the updated smoothed cosines with each source,
+    ``weights`` the source weights. ``figures`` packs :data:`FIGURES` then the mean
+    (bias-corrected) alignment and weight of each source.
+    """
+
+    a: Tensor
+    b: Tensor
+    norm: Tensor
+    alignment: Tensor
+    weights: Tensor
+    figures: Tensor
+
+
+def guidance_coefficients(
+    stats: Tensor,
+    cfg: GuidanceConfig,
+    *,
+    direction_on: bool,
+    norm_ema: Tensor,
+    norm_count: Tensor,
+    align_ema: Tensor,
+    gram: Optional[Tensor] = None,
+) -> Coefficients:
+    """Coefficients of the guided update from block statistics (pure, no host sync).
+
+    ``stats`` comes from :func:`block_stats` with ``k`` references. With one reference it
+    is used as is; with several (SPEC section 3), the reference is
+    ``r = sum_i w_i r_i/|r_i|`` with weights from the alignment EMA (``align_ema``,
+    ``[B, k]``, smoothed with ``ema_beta``), and ``gram`` (``[B, k, k]``,
+    ``<r_i, r_j>`` per block) gives ``|r|^2``. ``norm_ema``/``norm_count`` are the
+    magnitude EMA (``norm_beta``) and its per-block number of updates.
+    ``direction_on`` is False during the EMA reference's warm-up.
+    """
+    gg = stats[:, 0]
+    k = (stats.shape[1] - 1) // 2
+    d, rr = stats[:, 1:1 + k], stats[:, 1 + k:]
+    seen = gg > 0
+    count = norm_count + seen.to(norm_count.dtype)
+
+    if k == 0 or not direction_on:
+        coef = torch.zeros_like(d)
+        d_r = rr_r = torch.zeros_like(gg)
+        alignment, smoothed, weights = align_ema, torch.zeros_like(d), torch.zeros_like(d)
+    elif k == 1:
+        coef = torch.ones_like(d)
+        d_r, rr_r = d[:, 0], rr[:, 0]
+        alignment, weights = align_ema, torch.ones_like(d)
+        smoothed = None  # reported as the plain cosine below
+    else:
+        src_ok = block_validity(gg.unsqueeze(1), rr)
+        r_norm = torch.where(src_ok, rr, torch.ones_like(rr)).sqrt()
+        cos = torch.where(src_ok, d / (gg.sqrt().unsqueeze(1) * r_norm), torch.zeros_like(d))
+        beta = cfg.ema_beta
+        alignment = torch.where(seen.unsqueeze(1), beta * align_ema + (1 - beta) * cos, align_ema)
+        smoothed = alignment / (1 - beta ** count).clamp_min(1e-12).unsqueeze(1)
+        weights, _ = alignment_weights(torch.where(src_ok, smoothed, -torch.ones_like(smoothed)),
+                                       cfg.align_temperature)
+        coef = weights / r_norm  # r = sum_i coef_i r_i
+        d_r = (coef * d).sum(1)
+        rr_r = torch.einsum("bi,bij,bj->b", coef, gram, coef)
+
+    valid = block_validity(gg, rr_r)
+    direction = DIRECTION_RULES[cfg.direction](BlockStats(gg, d_r, rr_r, valid), cfg)
+    a, b = direction.a, direction.b
+    norm = (a * a * gg + 2 * a * b * d_r + b * b * rr_r).clamp_min(0).sqrt()
+
+    ready = seen & (norm_count >= max(cfg.warmup_steps, 1))
+    ema_hat = norm_ema / (1 - cfg.norm_beta ** norm_count).clamp_min(1e-12)
+    scale = MAGNITUDE_RULES[cfg.magnitude](norm, ema_hat, ready, cfg)
+    final_norm = scale * norm
+
+    total_gg = gg.sum()
+    figures = torch.cat([
+        torch.stack([
+            total_gg.sqrt(),
+            final_norm.square().sum().sqrt(),
+            _global_cos(d_r, gg, rr_r, valid),
+            scale.min(),
+            direction.active.to(gg.dtype).mean(),
+        ]),
+        smoothed.mean(0) if smoothed is not None else _global_cos(d_r, gg, rr_r, valid).reshape(1),
+        weights.mean(0),
+    ])
+    return Coefficients(scale * a, (scale * b).unsqueeze(1) * coef, final_norm, alignment, weights, figures)
+
+
+def _global_cos(d: Tensor, gg: Tensor, rr: Tensor, valid: Tensor) -> Tensor:
+    """Cosine of the whole gradient with the whole reference, over valid blocks (NaN if none)."""
+    zero = torch.zeros_like(d)
+    num = torch.where(valid, d, zero).sum()
+    den = (torch.where(valid, gg, zero).sum() * torch.where(valid, rr, zero).sum()).sqrt()
+    return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)),
+                       torch.full_like(den, float("nan")))
+
+
+def apply_guidance_(
+    grads: Sequence[Tensor],
+    refs: Sequence[Sequence[Optional[Store]]],
+    a: Sequence[Scalar],
+    b: Sequence[Sequence[Scalar]],
+    ema_refs: Optional[Sequence[Store]] = None,
+    ema_weight: float = 0.0,
+) -> None:
+    """``g <- a g + sum_i b_i r_i`` in place, then (optionally) ``r_ema += w (g - r_ema)``.
+
+    ``a[t]`` and ``b[t][i]`` are gradient ``t``'s coefficients, all Python floats or all
+    0-dim tensors. With floats, ``a == 1`` skips the scaling and ``b == 0`` skips the
+    reference, so an identity block is never written. The EMA update runs right after
+    each tensor's own update, while it is still in cache.
+
+    Example:
+        >>> from sgg_optim.storage import make_store
+        >>> g = [torch.tensor([0.0, 2.0])]
+        >>> apply_guidance_(g, [[make_store(torch.tensor([1.0, 0.0]), "fp32")]], [0.5], [[3.0]])
+        >>> g[0].tolist()
+        [3.0, 1.0]
+    """
+    for t, g in enumerate(grads):
+        at = a[t]
+        if not (isinstance(at, float) and at == 1.0):
+            g.mul_(at)
+        for r, bi in zip(refs[t], b[t]):
+            if r is not None and not (isinstance(bi, float) and bi == 0.0):
+                r.add_to_(g, bi)
+        if ema_refs is not None:
+            ema_refs[t].lerp_(g, ema_weight)

@@ -1,0 +1,444 @@
+"""GuidedOptimizer: a thin stateful shell around the functional guidance step.
+
+The wrapper owns only what is its own (references, the magnitude and alignment EMAs,
+step counters); ``param_groups``, ``state`` and ``defaults`` are the base optimizer's,
+forwarded, never copied, so LR schedulers and ``accelerate.prepare()`` keep working.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import OrderedDict
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .config import STRUCTURAL_FIELDS, GuidanceConfig
+from .functional import FIGURES, apply_guidance_, block_stats, guidance_coefficients, stats_dtype
+from .reference import Reference, param_names
+from .storage import Store, make_store, store_from_state, zeros_store
+
+ReferenceSpec = Union[str, Reference, Sequence[Reference]]
+_FORMAT = 1
+
+
+class GuidedOptimizer(Optimizer):
+    """Wrap any ``torch.optim.Optimizer``; guide its gradients before each step.
+
+    Before the base optimizer steps, the gradients of the guided parameters (those
+    with ``requires_grad`` and a gradient) are rewritten block by block as
+    ``g <- s (a g + b r)`` toward a reference direction ``r`` (see ``docs/method.md``).
+
+    Args:
+        base_optimizer: the optimizer that does the update (AdamW, SGD, bnb 8-bit...).
+        reference: ``"ema"`` (an EMA of past guided gradients, the default), a captured
+            :class:`~sgg_optim.Reference`, or a list of them (multi-source alignment).
+        **guidance: the keywords of :class:`~sgg_optim.config.GuidanceConfig`.
+
+    Example:
+        >>> import torch
+        >>> from sgg_optim import GuidedOptimizer
+        >>> model = torch.nn.Linear(4, 1)
+        >>> opt = GuidedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), max_angle=45)
+        >>> model(torch.ones(2, 4)).sum().backward()
+        >>> opt.step(); opt.stats["step"]
+        1
+    """
+
+    def __init__(self, base_optimizer: Optimizer, *, reference: ReferenceSpec = "ema", **guidance: Any) -> None:
+        if not isinstance(base_optimizer, Optimizer):
+            raise TypeError(f"base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer).__name__}")
+        if isinstance(base_optimizer, GuidedOptimizer):
+            raise TypeError("base_optimizer is already a GuidedOptimizer")
+        unknown = sorted(set(guidance) - GuidanceConfig.keywords())
+        if unknown:
+            raise TypeError(f"unknown guidance keyword(s) {unknown}; valid: {sorted(GuidanceConfig.keywords())}")
+        self.config = GuidanceConfig(**guidance)
+        self.base_optimizer = base_optimizer
+        for name in ("step_pre", "step_post", "state_dict_pre", "state_dict_post",
+                     "load_state_dict_pre", "load_state_dict_post"):
+            setattr(self, f"_optimizer_{name}_hooks", OrderedDict())
+        self._patch_step_function()
+        self._check_params()
+        self._accepted = self._skipped = 0
+        self._ema: dict[Tensor, Store] = {}
+        self._sources: dict[Tensor, list[Optional[Store]]] = {}
+        self._source_sqnorms: dict[Tensor, Tensor] = {}
+        self._num_sources = 0
+        self._gram: Optional[Tensor] = None
+        self._norm_ema: Optional[Tensor] = None
+        self._norm_count: Optional[Tensor] = None
+        self._align_ema: Optional[Tensor] = None
+        self._figures: Union[Tensor, list[float], None] = None
+        self.set_reference(reference)
+
+    # -- forwarding: the base optimizer's structures, never copies ------------------
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.base_optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.base_optimizer.param_groups = value
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        return self.base_optimizer.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.base_optimizer.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        return self.base_optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.base_optimizer.defaults = value
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Forward to the base optimizer's ``zero_grad``."""
+        self.base_optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Forward to the base optimizer; the new parameters are guided too."""
+        self.base_optimizer.add_param_group(param_group)
+        self._check_params()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.__dict__
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.base_optimizer!r}, {self.config})"
+
+    # -- parameters and blocks --------------------------------------------------------
+    def _flat_params(self) -> list[tuple[int, Tensor]]:
+        """(group index, parameter) for every parameter, in state_dict order."""
+        return [(gi, p) for gi, group in enumerate(self.param_groups) for p in group["params"]]
+
+    def _num_blocks(self) -> int:
+        scope = self.config.scope
+        return 1 if scope == "global" else len(self.param_groups) if scope == "group" else len(self._flat_params())
+
+    def _describe(self, index: int) -> str:
+        names = param_names(self)
+        gi, p = self._flat_params()[index]
+        where = f"'{names[p]}'" if p in names else f"param_groups[{gi}] parameter #{index}"
+        return f"{where} (shape {tuple(p.shape)})"
+
+    def _check_params(self) -> None:
+        for i, (_, p) in enumerate(self._flat_params()):
+            if p.is_complex():
+                raise ValueError(f"parameter {self._describe(i)} is complex; guidance supports real parameters only")
+
+    def _guided(self) -> list[tuple[int, int, Tensor]]:
+        """(flat index, block, param) of parameters that have a gradient this step."""
+        scope, out = self.config.scope, []
+        for i, (gi, p) in enumerate(self._flat_params()):
+            if not p.requires_grad or p.grad is None:
+                continue
+            if p.grad.is_sparse or p.grad.layout != torch.strided:
+                raise ValueError(f"parameter {self._describe(i)} has a sparse gradient; "
+                                 "guidance needs dense gradients")
+            out.append((i, 0 if scope == "global" else gi if scope == "group" else i, p))
+        return out
+
+    def _block_state(self, device: torch.device, num_blocks: int) -> None:
+        """Create or grow (after add_param_group) the per-block EMAs on ``device``."""
+        dtype, k = stats_dtype(device), max(self._num_sources, 1)
+        fresh = {"_norm_ema": (num_blocks,), "_norm_count": (num_blocks,), "_align_ema": (num_blocks, k)}
+        for name, shape in fresh.items():
+            old = getattr(self, name)
+            new = torch.zeros(shape, device=device, dtype=dtype)
+            if old is not None:
+                new[: old.shape[0]] = old.to(device, dtype)
+            setattr(self, name, new)
+
+    # -- references ---------------------------------------------------------------------
+    @property
+    def reference_mode(self) -> str:
+        """``"ema"`` or ``"sources"``."""
+        return "sources" if self._num_sources else "ema"
+
+    def set_reference(self, reference: ReferenceSpec) -> None:
+        """Guide toward ``reference``: ``"ema"``, a :class:`Reference`, or a list of them.
+
+        Every parameter that requires grad must be in each reference with its shape
+        (a ``ValueError`` names the first that is not, and nothing changes). References
+        are stored as ``reference_dtype``; a reference whose values are not finite
+        switches direction guidance off for the blocks it covers. Resets the
+        alignment statistics.
+        """
+        if isinstance(reference, str):
+            if reference != "ema":
+                raise ValueError(f"reference must be 'ema', a Reference or a list of them, got {reference!r}")
+            self._sources, self._source_sqnorms, self._num_sources, self._gram = {}, {}, 0, None
+            self._align_ema = None
+            return
+        refs = [reference] if isinstance(reference, Reference) else list(reference)
+        if not refs or not all(isinstance(r, Reference) for r in refs):
+            raise TypeError("reference must be 'ema', a Reference or a non-empty list of References")
+        names = param_names(self)
+        flat = self._flat_params()
+        for i, (_, p) in enumerate(flat):
+            if p.requires_grad:
+                for j, ref in enumerate(refs):
+                    ref.check_covers(p, names.get(p), self._describe(i), source=j)
+        storage = self.config.reference_dtype
+        stores: dict[Tensor, list[Optional[Store]]] = {}
+        for _, p in flat:
+            if p.requires_grad:
+                stores[p] = [ref.store_for(p, names.get(p), storage) for ref in refs]
+        self._sources, self._num_sources, self._align_ema = stores, len(refs), None
+        self._prepare_sources()
+
+    def _prepare_sources(self) -> None:
+        """Cache |r_i|^2 per tensor and the per-block Gram matrix; drop non-finite sources.
+
+        Runs once per reference change (it reads a few scalars on the host, which is
+        fine here and never happens in ``step()``).
+        """
+        k, num_blocks = self._num_sources, self._num_blocks()
+        scope = self.config.scope
+        index = {p: (i, gi) for i, (gi, p) in enumerate(self._flat_params())}
+        gram = torch.zeros(num_blocks, k, k, dtype=torch.float64)
+        block_of = {}
+        for p, stores in self._sources.items():
+            i, gi = index[p]
+            blk = 0 if scope == "global" else gi if scope == "group" else i
+            block_of[p] = blk
+            dense = [s.dense() if s is not None else None for s in stores]
+            for a in range(k):
+                for b in range(a, k):
+                    if dense[a] is not None and dense[b] is not None:
+                        v = stores[a].dot(dense[b]).double().cpu()  # type: ignore[union-attr]
+                        gram[blk, a, b] += v
+                        gram[blk, b, a] += v if a != b else 0
+        bad = ~torch.isfinite(gram.diagonal(dim1=1, dim2=2))  # [B, k]
+        for p, stores in self._sources.items():
+            for j in range(k):
+                if bad[block_of[p], j]:
+                    stores[j] = None
+        gram = torch.where(torch.isfinite(gram), gram, torch.zeros_like(gram))
+        self._gram = gram
+        self._source_sqnorms = {p: gram[block_of[p]].diagonal().new_tensor(
+            [s.sqnorm().item() if s is not None else 0.0 for s in stores]) for p, stores in self._sources.items()}
+
+    # -- the step -------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:  # type: ignore[override]
+        """Guide the gradients, then step the base optimizer.
+
+        With ``nonfinite="skip"`` (default) a step whose gradients are not all finite
+        leaves parameters, base state and guidance state untouched and is counted in
+        ``stats["skipped"]``; that check is the one host read of the step.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        cfg = self.config
+        if cfg.direction == "off" and cfg.magnitude == "off" and cfg.nonfinite == "propagate":
+            self.base_optimizer.step()
+            self._accepted += 1
+            return loss
+        guided = self._guided()
+        if not guided:
+            self.base_optimizer.step()
+            self._accepted += 1
+            return loss
+        if self._guide(guided):
+            self.base_optimizer.step()
+        return loss
+
+    def _guide(self, guided: list[tuple[int, int, Tensor]]) -> bool:
+        """Rewrite the gradients in place; False if the step must be skipped."""
+        cfg = self.config
+        params = [p for _, _, p in guided]
+        grads = [p.grad for p in params]
+        device = grads[0].device
+        num_blocks = self._num_blocks()
+        if self._norm_ema is None or self._norm_ema.shape[0] != num_blocks or self._norm_ema.device != device:
+            self._block_state(device, num_blocks)
+        block_ids = torch.tensor([b for _, b, _ in guided], device=device)
+
+        sources = self.reference_mode == "sources"
+        use_ema = not sources and cfg.direction != "off"
+        if use_ema:
+            for p in params:
+                if p not in self._ema:
+                    self._ema[p] = zeros_store(p, cfg.reference_dtype)
+        direction_on = cfg.direction != "off" and (sources or self._accepted >= cfg.warmup_steps)
+        if not direction_on:
+            refs: list[list[Optional[Store]]] = [[] for _ in params]
+            sqnorms = None
+        elif sources:
+            refs = [self._sources.get(p, [None] * self._num_sources) for p in params]
+            sqnorms = [self._source_sqnorms.get(p) for p in params]
+        else:
+            refs, sqnorms = [[self._ema[p]] for p in params], None
+
+        stats = self._reduce_stats(block_stats(grads, refs, block_ids, num_blocks, sqnorms))
+        gram = self._gram.to(device, stats.dtype) if (sources and self._num_sources > 1) else None
+        coef = guidance_coefficients(stats, cfg, direction_on=direction_on, norm_ema=self._norm_ema,
+                                     norm_count=self._norm_count, align_ema=self._align_ema, gram=gram)
+        k = coef.b.shape[1]
+        if cfg.nonfinite == "propagate":
+            a_blocks: Any = coef.a.float()
+            b_blocks: Any = coef.b.float()
+            a = list(a_blocks[block_ids].unbind())
+            b = [list(row.unbind()) for row in b_blocks[block_ids]]
+            finite = torch.isfinite(stats[:, 0].sum())
+            self._figures = coef.figures
+        else:
+            # The step's one host read: finiteness, coefficients and figures together.
+            host = torch.cat([stats[:, 0].sum().reshape(1), coef.a, coef.b.flatten(), coef.figures]).tolist()
+            if not math.isfinite(host[0]):
+                if cfg.nonfinite == "raise":
+                    bad = next(i for i, _, p in guided if not bool(torch.isfinite(p.grad).all()))
+                    raise FloatingPointError(f"non-finite gradient in parameter {self._describe(bad)} "
+                                             f"at step {self._accepted + self._skipped + 1} (nonfinite='raise')")
+                self._skipped += 1
+                self._figures = None
+                return False
+            a_host, b_host = host[1:1 + num_blocks], host[1 + num_blocks:1 + num_blocks * (1 + k)]
+            self._figures = host[1 + num_blocks * (1 + k):]
+            a = [a_host[blk] for _, blk, _ in guided]
+            b = [b_host[blk * k:(blk + 1) * k] for _, blk, _ in guided]
+            finite = None
+
+        ema_refs = [self._ema[p] for p in params] if use_ema else None
+        if direction_on or cfg.magnitude != "off" or use_ema:
+            apply_guidance_(grads, refs, a, b, ema_refs, 1.0 - cfg.ema_beta)
+        self._commit(coef, finite)
+        self._accepted += 1
+        return True
+
+    def _commit(self, coef: Any, finite: Optional[Tensor]) -> None:
+        """Feed the EMAs (guarded with ``where`` when no host check ran)."""
+        beta = self.config.norm_beta
+        seen = coef.norm > 0 if finite is None else (coef.norm > 0) & finite
+        self._norm_ema = torch.where(seen, beta * self._norm_ema + (1 - beta) * coef.norm, self._norm_ema)
+        self._norm_count = self._norm_count + seen.to(self._norm_count.dtype)
+        if self._num_sources > 1:
+            self._align_ema = torch.where(seen.unsqueeze(1), coef.alignment, self._align_ema)
+
+    def _reduce_stats(self, stats: Tensor) -> Tensor:
+        """Sum partial statistics over shards; the identity for unsharded gradients."""
+        return stats
+
+    # -- reporting --------------------------------------------------------------------------
+    @property
+    def stats(self) -> dict[str, Any]:
+        """The last step's figures: ``step``, ``skipped`` (count), ``grad_norm``,
+        ``guided_norm``, ``cos`` (gradient vs reference; NaN when undefined), ``scale``
+        (smallest magnitude scale), ``projected`` (fraction of blocks the direction
+        rule changed), and per source ``alignment`` and ``weights``.
+
+        Cheap: read in the step's own host sync, or once on first access.
+        """
+        out: dict[str, Any] = {"step": self._accepted + self._skipped, "skipped": self._skipped}
+        figures = self._figures
+        if figures is None:
+            return out
+        if isinstance(figures, Tensor):
+            figures = self._figures = figures.tolist()
+        n = len(FIGURES)
+        out.update(zip(FIGURES, figures[:n]))
+        k = (len(figures) - n) // 2
+        out["alignment"], out["weights"] = figures[n:n + k], figures[n + k:]
+        return out
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """The base optimizer's state dict plus a ``"guidance"`` entry (tensors and
+        primitives only, so ``torch.load(weights_only=True)`` reads it)."""
+        state = self.base_optimizer.state_dict()
+        index = {p: i for i, (_, p) in enumerate(self._flat_params())}
+        refs: dict[int, dict[str, dict[str, Tensor]]] = {}
+        for p, store in self._ema.items():
+            refs.setdefault(index[p], {})["ema"] = store.state()
+        for p, stores in self._sources.items():
+            for j, s in enumerate(stores):
+                if s is not None:
+                    refs.setdefault(index[p], {})[f"source{j}"] = s.state()
+        state["guidance"] = {
+            "format": _FORMAT,
+            "config": self.config.as_dict(),
+            "reference": self.reference_mode,
+            "num_sources": self._num_sources,
+            "layout": [list(p.shape) for _, p in self._flat_params()],
+            "accepted": self._accepted,
+            "skipped": self._skipped,
+            "norm_ema": self._norm_ema,
+            "norm_count": self._norm_count,
+            "align_ema": self._align_ema,
+            "refs": refs,
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        """Load a :meth:`state_dict`. The guidance entry is fully checked (format, scope,
+        reference storage and kind, parameter layout) before anything changes; a
+        mismatch raises ``ValueError`` naming it. A plain base-optimizer state dict
+        loads with a warning and fresh guidance state."""
+        state_dict = dict(state_dict)
+        saved = state_dict.pop("guidance", None)
+        if saved is None:
+            warnings.warn("state_dict has no 'guidance' entry (a plain optimizer checkpoint?): "
+                          "loading the base optimizer state, guidance state starts fresh", stacklevel=2)
+            self.base_optimizer.load_state_dict(state_dict)
+            return
+        loaded = self._parse_guidance(saved)
+        self.base_optimizer.load_state_dict(state_dict)
+        for key, value in loaded.items():
+            setattr(self, key, value)
+        if self._num_sources:
+            self._prepare_sources()
+
+    def _parse_guidance(self, saved: dict[str, Any]) -> dict[str, Any]:
+        """Validate a saved guidance entry and build the attributes it restores."""
+        if saved.get("format") != _FORMAT:
+            raise ValueError(f"state_dict['guidance'] has format {saved.get('format')!r}, expected {_FORMAT}")
+        mine = self.config.as_dict()
+        for field in STRUCTURAL_FIELDS:
+            if saved["config"].get(field) != mine[field]:
+                raise ValueError(f"state_dict was saved with {field}={saved['config'].get(field)!r}, "
+                                 f"this optimizer has {field}={mine[field]!r}")
+        flat = self._flat_params()
+        layout = [list(p.shape) for _, p in flat]
+        if saved["layout"] != layout:
+            if len(saved["layout"]) != len(layout):
+                raise ValueError(f"state_dict covers {len(saved['layout'])} parameters, "
+                                 f"this optimizer has {len(layout)}")
+            i = next(i for i, (x, y) in enumerate(zip(saved["layout"], layout)) if x != y)
+            raise ValueError(f"state_dict parameter #{i} has shape {tuple(saved['layout'][i])}, "
+                             f"this optimizer's is {self._describe(i)}")
+        k = saved["num_sources"]
+        storage = self.config.reference_dtype
+        ema: dict[Tensor, Store] = {}
+        sources: dict[Tensor, list[Optional[Store]]] = {}
+        for i, entry in saved["refs"].items():
+            p = flat[int(i)][1]
+            for key, tensors in entry.items():
+                tensors = {n: t.to(p.device) for n, t in tensors.items()}
+                try:
+                    store = store_from_state(tensors, p.shape, storage)
+                except ValueError as e:
+                    raise ValueError(f"state_dict reference '{key}' of parameter {self._describe(int(i))}: {e}") from e
+                if key == "ema":
+                    ema[p] = store
+                else:
+                    sources.setdefault(p, [None] * k)[int(key[len("source"):])] = store
+        return {
+            "_accepted": int(saved["accepted"]), "_skipped": int(saved["skipped"]),
+            "_norm_ema": saved["norm_ema"], "_norm_count": saved["norm_count"], "_align_ema": saved["align_ema"],
+            "_ema": ema, "_sources": sources, "_num_sources": k,
+        }

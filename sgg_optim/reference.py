@@ -1,0 +1,269 @@
+"""Reference directions: capture them from a source task, save, load, hand to an optimizer.
+
+A :class:`Reference` maps parameter names to stored tensors (fp32, bf16 or int8) and,
+when it came from a model, remembers which parameter each name belongs to, so an
+optimizer can find its reference by parameter identity.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from .config import REFERENCE_DTYPES
+from .storage import INT8_BLOCKSIZE, Store, make_store, store_from_state
+
+PathLike = Union[str, "os.PathLike[str]"]
+_FORMAT_NAME = "sgg-optim-reference"
+_STATE_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "int8": "uint8"}
+
+
+def _library_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module whose parameter names users see (strips DDP's ``module.`` prefix)."""
+    while isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    return model
+
+
+def param_names(optimizer: torch.optim.Optimizer) -> dict[Tensor, str]:
+    """Parameter -> name, for optimizers built from ``model.named_parameters()``."""
+    names: dict[Tensor, str] = {}
+    for group in optimizer.param_groups:
+        for p, n in zip(group["params"], group.get("param_names", ())):
+            names[p] = n
+    return names
+
+
+class Reference:
+    """A reference direction: one stored tensor per parameter name.
+
+    Build one with :func:`capture_reference` or :meth:`load`, or from tensors directly.
+
+    Example:
+        >>> import torch
+        >>> ref = Reference({"weight": torch.ones(2, 3)}, storage="bf16")
+        >>> ref.names, ref.storage, ref["weight"].dtype
+        (['weight'], 'bf16', torch.float32)
+    """
+
+    def __init__(self, tensors: Mapping[str, Tensor], *, storage: str = "fp32",
+                 model: Optional[nn.Module] = None) -> None:
+        if storage not in REFERENCE_DTYPES:
+            raise ValueError(f"storage must be one of {REFERENCE_DTYPES}, got {storage!r}")
+        self.storage = storage
+        self.stores: dict[str, Store] = {n: make_store(t, storage) for n, t in tensors.items()}
+        self._bound: dict[Tensor, str] = {}
+        if model is not None:
+            self.bind(model)
+
+    @classmethod
+    def _from_stores(cls, stores: dict[str, Store], storage: str) -> "Reference":
+        ref = cls({}, storage=storage)
+        ref.stores = stores
+        return ref
+
+    @property
+    def names(self) -> list[str]:
+        """Parameter names, in insertion order."""
+        return list(self.stores)
+
+    def __getitem__(self, name: str) -> Tensor:
+        """The reference for ``name``, dequantised to fp32."""
+        return self.stores[name].dense()
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.stores
+
+    def __len__(self) -> int:
+        return len(self.stores)
+
+    def __repr__(self) -> str:
+        return f"Reference({len(self)} tensors, storage={self.storage!r})"
+
+    def nbytes(self) -> int:
+        """Bytes held by the stored tensors."""
+        return sum(s.nbytes() for s in self.stores.values())
+
+    def bind(self, model: nn.Module) -> "Reference":
+        """Remember which of ``model``'s parameters each name belongs to; returns self."""
+        self._bound = {p: n for n, p in _unwrap(model).named_parameters() if n in self.stores}
+        return self
+
+    def _key(self, param: Tensor, name: Optional[str]) -> Optional[str]:
+        key = self._bound.get(param, name)
+        return key if key in self.stores else None
+
+    def check_covers(self, param: Tensor, name: Optional[str], description: str, source: int = 0) -> None:
+        """Raise ``ValueError`` unless this reference has ``param``'s tensor with its shape."""
+        key = self._key(param, name)
+        if key is None:
+            hint = "" if (self._bound or name) else (
+                " (the reference is not bound to a model: use Reference.load(path, model), "
+                "capture_reference(model, ...), ref.bind(model), or build the optimizer "
+                "from model.named_parameters())")
+            raise ValueError(f"reference {source} has no tensor for parameter {description}{hint}")
+        shape = self.stores[key].shape
+        if shape != param.shape:
+            raise ValueError(f"reference {source} tensor '{key}' has shape {tuple(shape)}, "
+                             f"parameter {description} has {tuple(param.shape)}")
+
+    def store_for(self, param: Tensor, name: Optional[str], storage: str) -> Store:
+        """The stored reference of ``param`` as ``storage``, on ``param``'s device."""
+        store = self.stores[self._key(param, name)]  # type: ignore[index]
+        same_device = next(iter(store.state().values())).device == param.device
+        if storage == self.storage and same_device:
+            return store  # frozen: safe to share, no copy
+        return make_store(store.dense().to(param.device), storage)
+
+    # -- files ---------------------------------------------------------------------------
+    def save(self, path: PathLike) -> None:
+        """Write safetensors with metadata (names, shapes, dtype, storage, version).
+
+        Atomic: written to a temporary file beside ``path``, then renamed over it.
+        """
+        path = Path(path)
+        tensors: dict[str, Tensor] = {}
+        for name, store in self.stores.items():
+            for part, t in store.state().items():
+                tensors[f"{name}/{part}"] = t.detach().cpu().contiguous()
+        metadata = {
+            "format": _FORMAT_NAME,
+            "library_version": _library_version(),
+            "storage": self.storage,
+            "dtype": _STATE_DTYPES[self.storage],
+            "blocksize": str(INT8_BLOCKSIZE),
+            "names": json.dumps(self.names),
+            "shapes": json.dumps({n: list(s.shape) for n, s in self.stores.items()}),
+        }
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: PathLike, model: nn.Module, *, device: Optional[torch.device] = None) -> "Reference":
+        """Read a reference written by :meth:`save` and bind it to ``model``.
+
+        Checks that the file names exactly the model's trainable parameters with their
+        shapes; the first mismatch raises ``ValueError`` naming it and the file.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"reference file {str(path)!r} does not exist")
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != _FORMAT_NAME:
+                    raise ValueError(f"{str(path)!r} is not an sgg-optim reference (metadata format "
+                                     f"{meta.get('format')!r})")
+                storage = meta["storage"]
+                names = json.loads(meta["names"])
+                shapes = {n: torch.Size(s) for n, s in json.loads(meta["shapes"]).items()}
+                parts = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read reference file {str(path)!r}: {e}") from e
+        params = {n: p for n, p in _unwrap(model).named_parameters()}
+        trainable = [n for n, p in params.items() if p.requires_grad]
+        for n in names:
+            if n not in params:
+                raise ValueError(f"reference file {str(path)!r} has tensor '{n}' that the model lacks")
+            if shapes[n] != params[n].shape:
+                raise ValueError(f"reference file {str(path)!r} tensor '{n}' has shape {tuple(shapes[n])}, "
+                                 f"the model's parameter has {tuple(params[n].shape)}")
+        missing = [n for n in trainable if n not in shapes]
+        if missing:
+            raise ValueError(f"reference file {str(path)!r} has no tensor for trainable parameter '{missing[0]}'")
+        stores: dict[str, Store] = {}
+        for n in names:
+            state = {k.rsplit("/", 1)[1]: v.to(device or params[n].device)
+                     for k, v in parts.items() if k.rsplit("/", 1)[0] == n}
+            try:
+                stores[n] = store_from_state(state, shapes[n], storage)
+            except ValueError as e:
+                raise ValueError(f"reference file {str(path)!r} tensor '{n}': {e}") from e
+        return cls._from_stores(stores, storage).bind(model)
+
+
+def _call_model(model: nn.Module, batch: Any) -> Tensor:
+    out = model(**batch) if isinstance(batch, Mapping) else model(*batch) if isinstance(batch, (tuple, list)) \
+        else model(batch)
+    loss = getattr(out, "loss", None)
+    if loss is None and isinstance(out, Mapping):
+        loss = out.get("loss")
+    if loss is None:
+        raise ValueError("the model's output has no .loss: pass loss_fn=lambda model, batch: ...")
+    return loss
+
+
+def capture_reference(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    loss_fn: Optional[Callable[[nn.Module, Any], Tensor]] = None,
+    num_batches: Optional[int] = None,
+    accelerator: Any = None,
+    reference_dtype: str = "fp32",
+) -> Reference:
+    """The mean gradient of a source task over ``batches``, as a :class:`Reference`.
+
+    Each batch's loss is ``loss_fn(model, batch)``, or the model's own ``.loss`` when
+    ``loss_fn`` is None (dict batches are passed as keyword arguments). Only parameters
+    that require grad are captured. Parameters are never changed, and every ``.grad``
+    is put back as it was. With an Accelerate ``accelerator``, the forward runs under
+    its autocast and names come from the unwrapped model.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(2, 1, bias=False)
+        >>> batches = [torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])]
+        >>> ref = capture_reference(model, batches, loss_fn=lambda m, x: m(x).sum())
+        >>> ref["weight"].tolist()
+        [[0.5, 0.5]]
+    """
+    if reference_dtype not in REFERENCE_DTYPES:
+        raise ValueError(f"reference_dtype must be one of {REFERENCE_DTYPES}, got {reference_dtype!r}")
+    if num_batches is not None and num_batches < 1:
+        raise ValueError(f"num_batches must be >= 1, got {num_batches}")
+    named = [(n, p) for n, p in _unwrap(model).named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("model has no parameter that requires grad")
+    saved = [p.grad for _, p in named]
+    autocast = accelerator.autocast if accelerator is not None else None
+    count = 0
+    try:
+        for p in (p for _, p in named):
+            p.grad = None
+        for batch in batches:
+            if num_batches is not None and count >= num_batches:
+                break
+            with torch.enable_grad(), (autocast() if autocast is not None else nullcontext()):
+                loss = loss_fn(model, batch) if loss_fn is not None else _call_model(model, batch)
+            loss.backward()
+            count += 1
+        if count == 0:
+            raise ValueError("batches yielded no batch")
+        tensors = {n: (p.grad.float() / count if p.grad is not None else torch.zeros_like(p, dtype=torch.float32))
+                   for n, p in named}
+    finally:
+        for (_, p), g in zip(named, saved):
+            p.grad = g
+    return Reference(tensors, storage=reference_dtype, model=model)

@@ -1,0 +1,194 @@
+"""How one reference tensor is stored: fp32, bf16, or int8 blockwise (bitsandbytes).
+
+Each store exposes the three operations the guidance passes need: a dot product
+with a gradient, ``g += b * r``, and the EMA update ``r += w (g - r)``. Low-precision
+stores work chunk by chunk, so no full fp32 copy of a reference is ever made.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Union
+
+import torch
+from torch import Tensor
+
+Scalar = Union[float, Tensor]
+
+_CHUNK = 1 << 20  # elements per chunk for low-precision stores (4 MiB of fp32 scratch)
+INT8_BLOCKSIZE = 4096
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _bnb_functional():  # type: ignore[no-untyped-def]
+    try:
+        import bitsandbytes.functional as F
+    except ImportError as e:  # pragma: no cover - exercised only without bitsandbytes
+        raise ImportError(
+            "reference_dtype='int8' uses bitsandbytes' blockwise quantisation: "
+            "pip install 'sgg-optim[bnb]'"
+        ) from e
+    return F
+
+
+def _spans(numel: int, step: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, numel, step):
+        yield start, min(start + step, numel)
+
+
+class DenseStore:
+    """A reference kept as a plain fp32 or bf16 tensor of the parameter's shape."""
+
+    def __init__(self, tensor: Tensor) -> None:
+        self.tensor = tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.tensor.shape
+
+    def _pairs(self, g: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
+        """Aligned fp32 chunks of (g, r); a single pair when both are fp32."""
+        g, r = g.reshape(-1), self.tensor.view(-1)
+        if g.dtype == torch.float32 and r.dtype == torch.float32:
+            yield g, r
+            return
+        for s, e in _spans(r.numel(), _CHUNK):
+            yield g[s:e].float(), r[s:e].float()
+
+    def dot(self, g: Tensor) -> Tensor:
+        return sum((torch.dot(gc, rc) for gc, rc in self._pairs(g)), torch.zeros((), device=g.device))
+
+    def sqnorm(self) -> Tensor:
+        r = self.tensor.view(-1)
+        return sum((torch.dot(rc, rc) for _, rc in self._pairs(r)), torch.zeros((), device=r.device))
+
+    def add_to_(self, g: Tensor, b: Scalar) -> None:
+        """``g += b * r`` in g's dtype."""
+        r = self.tensor.view_as(g)
+        g.add_(r, alpha=b) if isinstance(b, float) else g.addcmul_(r, b)
+
+    def lerp_(self, g: Tensor, w: float) -> None:
+        """``r += w (g - r)``: the EMA update toward the final gradient."""
+        r = self.tensor
+        if r.dtype == g.dtype:
+            r.lerp_(g.view_as(r), w)
+            return
+        flat, gf = r.view(-1), g.reshape(-1)
+        for s, e in _spans(flat.numel(), _CHUNK):
+            flat[s:e].copy_(flat[s:e].float().lerp_(gf[s:e].float(), w))
+
+    def dense(self) -> Tensor:
+        return self.tensor.float()
+
+    def state(self) -> dict[str, Tensor]:
+        return {"values": self.tensor}
+
+    def nbytes(self) -> int:
+        return self.tensor.numel() * self.tensor.element_size()
+
+
+class Int8Store:
+    """A reference quantised blockwise to int8 (absmax per block of 4096), as bnb does.
+
+    Costs 1 byte per element plus 4 bytes per block (about 1.001 B/param).
+    """
+
+    def __init__(self, codes: Tensor, absmax: Tensor, shape: torch.Size) -> None:
+        self.codes, self.absmax, self._shape = codes, absmax, torch.Size(shape)
+        self._code = _bnb_functional().create_dynamic_map(signed=True).to(codes.device)
+
+    @classmethod
+    def quantize(cls, x: Tensor) -> "Int8Store":
+        F = _bnb_functional()
+        flat = x.detach().reshape(-1)
+        codes = torch.empty(flat.numel(), dtype=torch.uint8, device=x.device)
+        absmax = torch.empty(-(-flat.numel() // INT8_BLOCKSIZE), dtype=torch.float32, device=x.device)
+        store = cls(codes, absmax, x.shape)
+        for (s, e), blocks in store._chunks():
+            F.quantize_blockwise(flat[s:e].float(), code=store._code, absmax=absmax[blocks],
+                                 out=codes[s:e], blocksize=INT8_BLOCKSIZE)
+        return store
+
+    @property
+    def shape(self) -> torch.Size:
+        return self._shape
+
+    def _chunks(self) -> Iterator[tuple[tuple[int, int], slice]]:
+        for s, e in _spans(self.codes.numel(), _CHUNK):  # _CHUNK is a multiple of the blocksize
+            yield (s, e), slice(s // INT8_BLOCKSIZE, -(-e // INT8_BLOCKSIZE))
+
+    def _dequant(self, span: tuple[int, int], blocks: slice) -> Tensor:
+        s, e = span
+        return _bnb_functional().dequantize_blockwise(
+            self.codes[s:e], absmax=self.absmax[blocks], code=self._code, blocksize=INT8_BLOCKSIZE)
+
+    def _gchunks(self, g: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
+        gf = g.reshape(-1)
+        for span, blocks in self._chunks():
+            yield gf[span[0]:span[1]], self._dequant(span, blocks)
+
+    def dot(self, g: Tensor) -> Tensor:
+        return sum((torch.dot(gc.float(), rc) for gc, rc in self._gchunks(g)),
+                   torch.zeros((), device=g.device))
+
+    def sqnorm(self) -> Tensor:
+        return sum((torch.dot(rc, rc) for _, rc in self._gchunks(self.codes)),
+                   torch.zeros((), device=self.codes.device))
+
+    def add_to_(self, g: Tensor, b: Scalar) -> None:
+        for gc, rc in self._gchunks(g.view(-1)):
+            gc.add_(rc, alpha=b) if isinstance(b, float) else gc.addcmul_(rc, b)
+
+    def lerp_(self, g: Tensor, w: float) -> None:
+        F, gf = _bnb_functional(), g.reshape(-1)
+        for (s, e), blocks in self._chunks():
+            new = self._dequant((s, e), blocks).lerp_(gf[s:e].float(), w)
+            F.quantize_blockwise(new, code=self._code, absmax=self.absmax[blocks],
+                                 out=self.codes[s:e], blocksize=INT8_BLOCKSIZE)
+
+    def dense(self) -> Tensor:
+        return torch.cat([rc for _, rc in self._gchunks(self.codes)]).view(self._shape)
+
+    def state(self) -> dict[str, Tensor]:
+        return {"codes": self.codes, "absmax": self.absmax}
+
+    def nbytes(self) -> int:
+        return self.codes.numel() + self.absmax.numel() * 4
+
+
+Store = Union[DenseStore, Int8Store]
+
+
+def make_store(x: Tensor, storage: str) -> Store:
+    """Store a copy of ``x`` as ``storage`` (``"fp32"``, ``"bf16"`` or ``"int8"``).
+
+    Example:
+        >>> s = make_store(torch.tensor([3.0, 4.0]), "bf16")
+        >>> s.tensor.dtype, s.sqnorm().item()
+        (torch.bfloat16, 25.0)
+    """
+    if storage == "int8":
+        return Int8Store.quantize(x)
+    return DenseStore(x.detach().to(_DTYPES[storage], copy=True))
+
+
+def zeros_store(like: Tensor, storage: str) -> Store:
+    """A zero reference shaped like ``like``, e.g. the start of an EMA reference."""
+    if storage == "int8":
+        return Int8Store.quantize(torch.zeros_like(like, dtype=torch.float32))
+    return DenseStore(torch.zeros_like(like, dtype=_DTYPES[storage]))
+
+
+def store_from_state(state: dict[str, Tensor], shape: torch.Size, storage: str) -> Store:
+    """Rebuild a store from :meth:`state`, checking it matches ``shape`` and ``storage``."""
+    if storage == "int8":
+        if set(state) != {"codes", "absmax"} or state["codes"].dtype != torch.uint8:
+            raise ValueError(f"expected int8 reference state (codes, absmax), got {sorted(state)}")
+        if state["codes"].numel() != shape.numel():
+            raise ValueError(f"int8 reference has {state['codes'].numel()} elements, expected {shape.numel()}")
+        return Int8Store(state["codes"], state["absmax"], shape)
+    values = state.get("values")
+    if values is None or values.dtype != _DTYPES[storage]:
+        raise ValueError(f"expected {storage} reference values, got {({k: v.dtype for k, v in state.items()})}")
+    if values.shape != shape:
+        raise ValueError(f"reference has shape {tuple(values.shape)}, expected {tuple(shape)}")
+    return DenseStore(values)
