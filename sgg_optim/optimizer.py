@@ -62,6 +62,7 @@ class GuidedOptimizer(Optimizer):
                      "load_state_dict_pre", "load_state_dict_post"):
             setattr(self, f"_optimizer_{name}_hooks", OrderedDict())
         self._patch_step_function()
+        self._ref_names: dict[Tensor, str] = {}  # names learnt from bound references, for messages
         self._check_params()
         self._accepted = self._skipped = 0
         self._ema: dict[Tensor, Store] = {}
@@ -128,7 +129,7 @@ class GuidedOptimizer(Optimizer):
         return 1 if scope == "global" else len(self.param_groups) if scope == "group" else len(self._flat_params())
 
     def _describe(self, index: int) -> str:
-        names = param_names(self)
+        names = {**self._ref_names, **param_names(self)}
         gi, p = self._flat_params()[index]
         where = f"'{names[p]}'" if p in names else f"param_groups[{gi}] parameter #{index}"
         return f"{where} (shape {tuple(p.shape)})"
@@ -185,6 +186,8 @@ class GuidedOptimizer(Optimizer):
         refs = [reference] if isinstance(reference, Reference) else list(reference)
         if not refs or not all(isinstance(r, Reference) for r in refs):
             raise TypeError("reference must be 'ema', a Reference or a non-empty list of References")
+        for ref in refs:
+            self._ref_names.update(ref.bound_names)
         names = param_names(self)
         flat = self._flat_params()
         for i, (_, p) in enumerate(flat):

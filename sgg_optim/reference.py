@@ -101,8 +101,13 @@ class Reference:
 
     def bind(self, model: nn.Module) -> "Reference":
         """Remember which of ``model``'s parameters each name belongs to; returns self."""
-        self._bound = {p: n for n, p in _unwrap(model).named_parameters() if n in self.stores}
+        self._bound = {p: n for n, p in _unwrap(model).named_parameters()}
         return self
+
+    @property
+    def bound_names(self) -> dict[Tensor, str]:
+        """Parameter -> name for the model this reference is bound to (empty if unbound)."""
+        return dict(self._bound)
 
     def _key(self, param: Tensor, name: Optional[str]) -> Optional[str]:
         key = self._bound.get(param, name)
