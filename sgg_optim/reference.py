@@ -199,7 +199,9 @@ class Reference:
             raise ValueError(f"reference file {str(path)!r} has no tensor for trainable parameter '{missing[0]}'")
         stores: dict[str, Store] = {}
         for n in names:
-            state = {k.rsplit("/", 1)[1]: v.to(device or params[n].device)
+            # A fresh (aligned) copy: results then match the in-memory reference bit for
+            # bit, and nothing keeps the file mapped.
+            state = {k.rsplit("/", 1)[1]: v.to(device or params[n].device, copy=True)
                      for k, v in parts.items() if k.rsplit("/", 1)[0] == n}
             try:
                 stores[n] = store_from_state(state, shapes[n], storage)
