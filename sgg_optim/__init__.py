@@ -4,9 +4,10 @@ Wrap any optimizer: ``GuidedOptimizer(torch.optim.AdamW(...))``, or swap the imp
 ``from sgg_optim import GuidedAdamW as AdamW``.
 """
 
-from .adamw import GuidedAdamW, GuidedAdamW8bit, GuidedPagedAdamW8bit
+from .adamw import GuidedAdamW
 from .config import GuidanceConfig
 from .optimizer import GuidedOptimizer
+from .integrations.bitsandbytes import GuidedAdamW8bit, GuidedPagedAdamW8bit
 from .reference import Reference, capture_reference
 
 __version__ = "0.1.0"

@@ -65,8 +65,10 @@ def block_stats(
     device = grads[0].device
     dtype = stats_dtype(device)
     zero = torch.zeros((), device=device, dtype=dtype)
-    norms = torch._foreach_norm([g if g.dtype == torch.float32 else g.float() for g in grads]) \
-        if all(g.device == device for g in grads) else [g.float().norm() for g in grads]
+    # Norms accumulate in fp32 whatever the gradient dtype, with no upcast copy.
+    norms = torch._foreach_norm(list(grads), 2, dtype=torch.float32) \
+        if all(g.device == device for g in grads) \
+        else [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]
     rows = []
     for t, (g, rs) in enumerate(zip(grads, refs)):
         known = ref_sqnorms[t] if ref_sqnorms is not None else None
