@@ -21,8 +21,10 @@ from torch import Tensor
 if TYPE_CHECKING:
     from .config import GuidanceConfig
 
-# Below this fraction of |g|, the component of g orthogonal to r is treated as zero.
-_PERP_EPS = 1e-12
+# |g_perp|^2 = |g|^2 - <g,r>^2/|r|^2 is a difference of fp32-accumulated sums, exact
+# only to ~1e-6 |g|^2. Below this fraction of |g|^2 (g within ~0.2 degrees of -r) its
+# direction is noise, so g is treated as exactly opposite to r.
+_PERP_EPS = 1e-5
 
 
 class BlockStats(NamedTuple):
@@ -95,8 +97,8 @@ def cone_coefficients(stats: BlockStats, cfg: GuidanceConfig) -> Direction:
 
         g <- |g| (c r/|r| + sqrt(1 - c^2) g_perp/|g_perp|)
 
-    A gradient exactly opposite to r has no ``g_perp`` to rotate along and is sent
-    to ``|g| r/|r|``.
+    A gradient (numerically) opposite to r has no ``g_perp`` to rotate along and is
+    sent to ``|g| r/|r|``.
 
     Example:
         >>> # g = (0, 1) is 90 degrees from r = (1, 0); a 45 degree cone rotates it.
@@ -115,7 +117,7 @@ def cone_coefficients(stats: BlockStats, cfg: GuidanceConfig) -> Direction:
     cos = stats.d / _safe(g_norm * r_norm, valid)
     perp = (stats.gg - stats.d * stats.d / rr).clamp_min(0).sqrt()
     active = valid & (cos < c)
-    rotate = active & (perp > _PERP_EPS * g_norm)
+    rotate = active & (perp.square() > _PERP_EPS * stats.gg)
     flip = active & ~rotate
     a_rot = g_norm * sin / _safe(perp, rotate)
     b_rot = g_norm * c / r_norm - a_rot * stats.d / rr
