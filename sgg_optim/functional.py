@@ -117,7 +117,7 @@ def guidance_coefficients(
     """Coefficients of the guided update from block statistics (pure, no host sync).
 
     ``stats`` comes from :func:`block_stats` with ``k`` references. With one reference it
-    is used as is; with several (SPEC section 3), the reference is
+    is used as is; with several (docs/method.md), the reference is
     ``r = sum_i w_i r_i/|r_i|`` with weights from the alignment EMA (``align_ema``,
     ``[B, k]``, smoothed with ``ema_beta``), and ``gram`` (``[B, k, k]``,
     ``<r_i, r_j>`` per block) gives ``|r|^2``. ``norm_ema``/``norm_count`` are the
@@ -169,7 +169,7 @@ def guidance_coefficients(
             final_norm.square().sum().sqrt(),
             _global_cos(d_r, gg, rr_r, valid),
             scale.min(),
-            direction.active.to(gg.dtype).mean(),
+            (direction.active & seen).sum().to(gg.dtype) / seen.sum().clamp_min(1).to(gg.dtype),
         ]),
         smoothed.mean(0) if smoothed is not None else _global_cos(d_r, gg, rr_r, valid).reshape(1),
         weights.mean(0),

@@ -74,11 +74,13 @@ class GuidedOptimizer(Optimizer):
         self._norm_count: Optional[Tensor] = None
         self._align_ema: Optional[Tensor] = None
         self._figures: Union[Tensor, list[float], None] = None
+        self._ids_cache: Optional[tuple[Any, Tensor]] = None
         self.set_reference(reference)
 
     # -- forwarding: the base optimizer's structures, never copies ------------------
     @property
     def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        """The base optimizer's ``param_groups`` (the same list object)."""
         return self.base_optimizer.param_groups
 
     @param_groups.setter
@@ -87,6 +89,7 @@ class GuidedOptimizer(Optimizer):
 
     @property
     def state(self) -> Any:  # type: ignore[override]
+        """The base optimizer's ``state`` (the same object)."""
         return self.base_optimizer.state
 
     @state.setter
@@ -95,6 +98,7 @@ class GuidedOptimizer(Optimizer):
 
     @property
     def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        """The base optimizer's ``defaults`` (the same dict)."""
         return self.base_optimizer.defaults
 
     @defaults.setter
@@ -270,7 +274,7 @@ class GuidedOptimizer(Optimizer):
         num_blocks = self._num_blocks()
         if self._norm_ema is None or self._norm_ema.shape[0] != num_blocks or self._norm_ema.device != device:
             self._block_state(device, num_blocks)
-        block_ids = torch.tensor([b for _, b, _ in guided], device=device)
+        block_ids = self._device_block_ids(tuple(b for _, b, _ in guided), device)
 
         sources = self.reference_mode == "sources"
         use_ema = not sources and cfg.direction != "off"
@@ -289,7 +293,7 @@ class GuidedOptimizer(Optimizer):
             refs, sqnorms = [[self._ema[p]] for p in params], None
 
         stats = self._reduce_stats(block_stats(grads, refs, block_ids, num_blocks, sqnorms))
-        gram = self._gram.to(device, stats.dtype) if (sources and self._num_sources > 1) else None
+        gram = self._device_gram(device, stats.dtype) if (sources and self._num_sources > 1) else None
         coef = guidance_coefficients(stats, cfg, direction_on=direction_on, norm_ema=self._norm_ema,
                                      norm_count=self._norm_count, align_ema=self._align_ema, gram=gram)
         k = coef.b.shape[1]
@@ -304,12 +308,12 @@ class GuidedOptimizer(Optimizer):
             # The step's one host read: finiteness, coefficients and figures together.
             host = torch.cat([stats[:, 0].sum().reshape(1), coef.a, coef.b.flatten(), coef.figures]).tolist()
             if not math.isfinite(host[0]):
+                self._figures = None
                 if cfg.nonfinite == "raise":
                     bad = next(i for i, _, p in guided if not bool(torch.isfinite(p.grad).all()))
                     raise FloatingPointError(f"non-finite gradient in parameter {self._describe(bad)} "
                                              f"at step {self._accepted + self._skipped + 1} (nonfinite='raise')")
                 self._skipped += 1
-                self._figures = None
                 return False
             a_host, b_host = host[1:1 + num_blocks], host[1 + num_blocks:1 + num_blocks * (1 + k)]
             self._figures = host[1 + num_blocks * (1 + k):]
@@ -320,14 +324,29 @@ class GuidedOptimizer(Optimizer):
         ema_refs = [self._ema[p] for p in params] if use_ema else None
         if direction_on or cfg.magnitude != "off" or use_ema:
             apply_guidance_(grads, refs, a, b, ema_refs, 1.0 - cfg.ema_beta)
-        self._commit(coef, finite)
+        self._commit(stats[:, 0], coef, finite)
         self._accepted += 1
         return True
 
-    def _commit(self, coef: Any, finite: Optional[Tensor]) -> None:
-        """Feed the EMAs (guarded with ``where`` when no host check ran)."""
+    def _device_block_ids(self, ids: tuple[int, ...], device: torch.device) -> Tensor:
+        """Block index of each guided tensor, kept on the device: no host-to-device copy
+        per step while the set of parameters with gradients stays the same."""
+        cached = self._ids_cache
+        if cached is None or cached[0] != (ids, device):
+            cached = self._ids_cache = ((ids, device), torch.tensor(ids, device=device))
+        return cached[1]
+
+    def _device_gram(self, device: torch.device, dtype: torch.dtype) -> Tensor:
+        assert self._gram is not None
+        if self._gram.device != device or self._gram.dtype != dtype:
+            self._gram = self._gram.to(device, dtype)
+        return self._gram
+
+    def _commit(self, gg: Tensor, coef: Any, finite: Optional[Tensor]) -> None:
+        """Feed the EMAs of blocks that had a gradient (guarded with ``where`` when no
+        host check ran)."""
         beta = self.config.norm_beta
-        seen = coef.norm > 0 if finite is None else (coef.norm > 0) & finite
+        seen = gg > 0 if finite is None else (gg > 0) & finite
         self._norm_ema = torch.where(seen, beta * self._norm_ema + (1 - beta) * coef.norm, self._norm_ema)
         self._norm_count = self._norm_count + seen.to(self._norm_count.dtype)
         if self._num_sources > 1:
@@ -342,8 +361,9 @@ class GuidedOptimizer(Optimizer):
     def stats(self) -> dict[str, Any]:
         """The last step's figures: ``step``, ``skipped`` (count), ``grad_norm``,
         ``guided_norm``, ``cos`` (gradient vs reference; NaN when undefined), ``scale``
-        (smallest magnitude scale), ``projected`` (fraction of blocks the direction
-        rule changed), and per source ``alignment`` and ``weights``.
+        (smallest magnitude scale), ``projected`` (fraction of the blocks with a
+        gradient that the direction rule changed), and per source ``alignment`` and
+        ``weights``.
 
         Cheap: read in the step's own host sync, or once on first access.
         """
@@ -396,7 +416,7 @@ class GuidedOptimizer(Optimizer):
         saved = state_dict.pop("guidance", None)
         if saved is None:
             warnings.warn("state_dict has no 'guidance' entry (a plain optimizer checkpoint?): "
-                          "loading the base optimizer state, guidance state starts fresh", stacklevel=2)
+                          "loading the base optimizer state; the guidance state is kept as it is", stacklevel=2)
             self.base_optimizer.load_state_dict(state_dict)
             return
         loaded = self._parse_guidance(saved)
@@ -415,6 +435,10 @@ class GuidedOptimizer(Optimizer):
             if saved["config"].get(field) != mine[field]:
                 raise ValueError(f"state_dict was saved with {field}={saved['config'].get(field)!r}, "
                                  f"this optimizer has {field}={mine[field]!r}")
+        if (saved["reference"], saved["num_sources"]) != (self.reference_mode, self._num_sources):
+            raise ValueError(f"state_dict guides toward reference={saved['reference']!r} with "
+                             f"{saved['num_sources']} source(s); this optimizer uses {self.reference_mode!r} "
+                             f"with {self._num_sources}: build it with the same kind of reference")
         flat = self._flat_params()
         layout = [list(p.shape) for _, p in flat]
         if saved["layout"] != layout:

@@ -180,7 +180,7 @@ def adaptive_scale(norm: Tensor, norm_ema: Tensor, ready: Tensor, cfg: GuidanceC
 
 
 def alignment_weights(alignment: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
-    """Source weights from alignment scores (SPEC section 3).
+    """Source weights from alignment scores (see docs/method.md).
 
     ``alignment`` has shape ``[num_blocks, k]`` (smoothed cosines of the target
     gradient with each source). Sources with alignment ``<= 0`` get weight 0, the

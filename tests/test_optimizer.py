@@ -275,3 +275,17 @@ def test_set_reference_rejects_a_missing_or_misshaped_tensor_and_keeps_the_old_o
     with pytest.raises(ValueError, match="'0.weight' has shape"):
         opt.set_reference(Reference(shapes).bind(model))
     assert opt.reference_mode == "sources" and opt._sources[model[2].bias][0] is good.stores["2.bias"]
+
+
+def test_state_dict_with_another_reference_kind_is_rejected():
+    model = tiny_mlp()
+    ema = _guided(model)
+    train(model, ema, 2)
+    ref = Reference({n: torch.ones_like(p) for n, p in model.named_parameters()}).bind(model)
+    two_sources = _guided(model, reference=[ref, ref])
+    for target, saved, match in ((_guided(model, reference=ref), ema.state_dict(), "reference='ema'"),
+                                 (_guided(model, reference=ref), two_sources.state_dict(), "2 source")):
+        before = copy.deepcopy(target.state_dict())
+        with pytest.raises(ValueError, match=match):
+            target.load_state_dict(saved)
+        assert same_snapshot(([], before), ([], target.state_dict()))
