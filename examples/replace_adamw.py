@@ -10,8 +10,8 @@ figures, ``opt.stats``.
 import torch
 from torch import nn
 
-# from torch.optim import AdamW                 # the original line
-from sgg_optim import GuidedAdamW as AdamW      # the only change
+# from torch.optim import AdamW  # the original line
+from sgg_optim import GuidedAdamW as AdamW  # the only change
 
 STEPS, BATCH, LOG_EVERY = 200, 64, 20
 
@@ -40,10 +40,10 @@ for step in range(1, STEPS + 1):
     window += loss.item()
 
     if step % LOG_EVERY == 0:
-        s = opt.stats  # the last step's guidance figures
-        print(f"step {step:4d}  loss {window / LOG_EVERY:.4f}  "
-              f"cos {s['cos']:+.3f}  grad_norm {s['grad_norm']:.4f}  guided_norm {s['guided_norm']:.4f}  "
-              f"scale {s['scale']:.3f}  projected {s['projected']:.2f}  skipped {s['skipped']}")
+        s = opt.stats  # the last step's figures; only step and skipped if that step was skipped
+        figures = "  ".join(f"{k} {s[k]:.4f}" for k in ("cos", "grad_norm", "guided_norm", "scale", "projected")
+                            if k in s)
+        print(f"step {step:4d}  loss {window / LOG_EVERY:.4f}  {figures}  skipped {s['skipped']}")
         window = 0.0
 
 with torch.no_grad():

@@ -29,6 +29,14 @@ ALPHAS = {
     "mixed": [2.0, -1.5, 0.3, -0.2, 3.0],
     "orthogonal": [0.0, 0.0, 0.0, 0.0, 0.0],
 }
+# Boundary cases: the reference at an exact angle (degrees) to g, close to the cone's
+# half-angle (50) or to 90 degrees, and gradient norms within a few percent of max_norm.
+ANGLES = {
+    "near_cone": [49.0, 51.0, 49.8, 50.3, 47.0],
+    "near_right": [89.0, 91.0, 89.7, 90.4, 93.0],
+}
+NEAR_NORMS = [1.01, 0.99, 1.003, 0.997, 1.02]
+CASES = sorted(ALPHAS) + sorted(ANGLES)
 CFG = dict(max_angle=50.0, strength=0.3, max_norm=1.0)
 
 
@@ -97,6 +105,15 @@ def blocks_for(scope: str) -> list[list[int]]:
 def make_case(case: str, seed: int):
     gen = torch.Generator().manual_seed(seed)
     grads, refs = [], []
+    if case in ANGLES:
+        for shape, norm, theta in zip(SHAPES, NEAR_NORMS, ANGLES[case]):
+            g = torch.randn(shape, generator=gen, dtype=torch.float64)
+            u = torch.randn(shape, generator=gen, dtype=torch.float64)
+            u = u - (u * g).sum() / (g * g).sum() * g
+            th = math.radians(theta)
+            refs.append((math.cos(th) * g / g.norm() + math.sin(th) * u / u.norm()).float())
+            grads.append((g * (norm / g.norm())).float())
+        return grads, refs
     for shape, norm, alpha in zip(SHAPES, GRAD_NORMS, ALPHAS[case]):
         g = torch.randn(shape, generator=gen)
         g = g * (norm / g.norm())
@@ -121,7 +138,7 @@ def guided_library(grads, refs, **cfg):
 # -- the comparison -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize("case", sorted(ALPHAS))
+@pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("nonfinite", ["skip", "propagate"])
 @pytest.mark.parametrize("scope", ["global", "group", "tensor"])
 @pytest.mark.parametrize("magnitude", ["off", "clip"])
@@ -160,7 +177,7 @@ def test_the_cases_exercise_every_branch():
     in some block, and clipping both triggers and does not."""
     seen = {d: set() for d in ("project", "cone")}
     clipped = set()
-    for case in ALPHAS:
+    for case in CASES:
         grads, refs = make_case(case, 0)
         for scope in ("global", "group", "tensor"):
             for d in seen:

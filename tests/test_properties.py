@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import assume, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -109,6 +109,14 @@ def angled_pair(n: int, theta_deg: float, gen: torch.Generator, g_norm: float, r
     r_hat, u_hat = r / r.norm(), u / u.norm()
     th = math.radians(theta_deg)
     return g_norm * (math.cos(th) * r_hat + math.sin(th) * u_hat), r_norm * r_hat
+
+
+def at_angle(v: torch.Tensor, theta_deg: float, norm: float, gen: torch.Generator) -> torch.Tensor:
+    """A float64 vector at angle ``theta_deg`` from ``v`` (float64, numel >= 2) with the given norm."""
+    u = torch.randn(v.numel(), generator=gen, dtype=torch.float64)
+    u = u - (u @ v) / (v @ v) * v
+    th = math.radians(theta_deg)
+    return norm * (math.cos(th) * v / v.norm() + math.sin(th) * u / u.norm())
 
 
 def blockwise_pairs(shapes, blocks, thetas, gen, g_scales, r_scales):
@@ -211,7 +219,13 @@ def test_project_removes_the_conflict_and_leaves_agreeing_gradients_alone(shapes
 def test_clip_bounds_every_block_norm(shapes, seed, scope, groups, log_max_norm, nonfinite, data):
     gen = torch.Generator().manual_seed(seed)
     max_norm = 10 ** log_max_norm
-    grads = [torch.randn(s, generator=gen) * 10 ** data.draw(st.floats(-4, 4)) for s in shapes]
+    grads = [None] * len(shapes)
+    for idx in blocks_of(len(shapes), scope, groups):  # block norms far from or close to max_norm
+        ratio = 10 ** data.draw(st.one_of(st.floats(-4, 4), st.floats(-0.01, 0.01)))
+        raw = [torch.randn(shapes[i], generator=gen) for i in idx]
+        norm = torch.cat([x.reshape(-1) for x in raw]).double().norm().item()
+        for i, x in zip(idx, raw):
+            grads[i] = x * (ratio * max_norm / norm)
     model = Params(shapes)
     opt = make_opt(model, None, groups, direction="off", magnitude="clip", max_norm=max_norm,
                    scope=scope, nonfinite=nonfinite)
@@ -327,8 +341,7 @@ def test_tensor_scope_equals_global_scope_per_tensor(shapes, seed, direction, ma
     n = len(shapes)
     model = Params(shapes)
     params = model.plist()
-    thetas = [data.draw(st.floats(0.0, 170.0)) for _ in range(n)]
-    ref_src, _ = blockwise_pairs(shapes, [[i] for i in range(n)], thetas, gen, [1.0] * n, [1.0] * n)
+    ref_src = [torch.randn(s, generator=gen) for s in shapes]
     # A captured fp32 reference: the loss sum_i <p_i, x_i> has gradient x_i.
     loss_fn = lambda m, xs: sum((p * x).sum() for p, x in zip(m.plist(), xs))  # noqa: E731
     ref = capture_reference(model, [ref_src], loss_fn=loss_fn, reference_dtype="fp32")
@@ -338,11 +351,11 @@ def test_tensor_scope_equals_global_scope_per_tensor(shapes, seed, direction, ma
                strength=data.draw(st.floats(0.0, 1.0)), max_norm=data.draw(st.floats(0.1, 3.0)),
                warmup_steps=1, spike_factor=1.5, nonfinite=nonfinite, reference=ref)
     steps_grads = []
-    for _ in range(steps):
-        th = [data.draw(st.floats(0.0, 175.0)) for _ in range(n)]
-        scales = [10 ** data.draw(st.floats(-1, 1)) for _ in range(n)]
-        steps_grads.append(blockwise_pairs(shapes, [[i] for i in range(n)], th, gen, scales, [1.0] * n)[0])
-    # the guided gradients are built against the captured direction: reuse it as r
+    for _ in range(steps):  # each tensor's gradient at a random angle to its reference
+        steps_grads.append([
+            at_angle(ref_src[i].reshape(-1).double(), data.draw(st.floats(0.0, 175.0)),
+                     10 ** data.draw(st.floats(-1, 1)), gen).float().reshape(shapes[i])
+            for i in range(n)])
     joint = GuidedOptimizer(torch.optim.SGD(model.named_parameters(), lr=0.0), scope="tensor", **cfg)
     joint_out = [step_with(joint, params, gr) for gr in steps_grads]
     for i, p in enumerate(params):
@@ -406,24 +419,20 @@ def test_anti_aligned_source_gets_zero_weight(shapes, seed, scope, groups, direc
 
 
 @SETTINGS
-@given(shapes=SHAPES, seed=SEED, scope=SCOPE, groups=st.integers(1, 2), k=st.integers(1, 3),
+@given(shapes=SHAPES, seed=SEED, scope=SCOPE, groups=st.integers(1, 2), num_sources=st.integers(2, 4),
        direction=st.sampled_from(["cone", "project", "blend"]),
        nonfinite=st.sampled_from(["skip", "propagate"]), data=st.data())
-def test_all_sources_anti_aligned_switches_direction_guidance_off(shapes, seed, scope, groups, k, direction,
+def test_all_sources_anti_aligned_switches_direction_guidance_off(shapes, seed, scope, groups, num_sources, direction,
                                                                   nonfinite, data):
     gen = torch.Generator().manual_seed(seed)
     blocks = blocks_of(len(shapes), scope, groups)
     grads = [torch.randn(s, generator=gen) for s in shapes]
     sources = []
-    for _ in range(k + 1):  # k + 1 >= 2 sources, each at an obtuse angle to g in every block
+    for _ in range(num_sources):  # each at an obtuse angle to g in every block
         thetas = [data.draw(st.floats(95.0, 175.0)) for _ in blocks]
         r = [None] * len(shapes)
         for j, idx in enumerate(blocks):
-            g = flat64(grads, idx)
-            u = torch.randn(g.numel(), generator=gen, dtype=torch.float64)
-            u = u - (u @ g) / (g @ g) * g
-            th = math.radians(thetas[j])
-            rv = 10 ** data.draw(LOG_SCALE) * (math.cos(th) * g / g.norm() + math.sin(th) * u / u.norm())
+            rv = at_angle(flat64(grads, idx), thetas[j], 10 ** data.draw(LOG_SCALE), gen)
             for i, t in zip(idx, split(rv.float(), [shapes[i] for i in idx])):
                 r[i] = t.contiguous()
         sources.append(r)
@@ -433,5 +442,5 @@ def test_all_sources_anti_aligned_switches_direction_guidance_off(shapes, seed, 
     out = step_with(opt, model.plist(), grads)
     for a, b in zip(out, grads):
         assert torch.equal(a, b)
-    assert opt.stats["weights"] == [0.0] * (k + 1)
+    assert opt.stats["weights"] == [0.0] * num_sources
     assert all(a < 0 for a in opt.stats["alignment"])

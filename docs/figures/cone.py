@@ -55,8 +55,8 @@ def main() -> None:
     ax.text(*mid, "max_angle", color="tab:blue", fontsize=9, ha="left", va="center")
     ax.text(*(1.05 * unit((R_ANGLE + MAX_ANGLE + G_ANGLE) / 2)), "rotation keeps |g'| = |g|", color="0.35",
             fontsize=9, ha="center", va="bottom")
-    ax.text(*(0.62 * unit(R_ANGLE - MAX_ANGLE / 2)), "inside the cone\n(cos(g, r) >= cos(max_angle))\ng is left as it is",
-            color="tab:blue", fontsize=8, ha="left", va="center")
+    inside = "inside the cone\n(cos(g, r) >= cos(max_angle))\ng is left as it is"
+    ax.text(*(0.62 * unit(R_ANGLE - MAX_ANGLE / 2)), inside, color="tab:blue", fontsize=8, ha="left", va="center")
 
     ax.plot(0, 0, "ko", ms=3)
     ax.set_xlim(-0.95, 1.5)
