@@ -64,27 +64,33 @@ def block_stats(
     k = max((len(rs) for rs in refs), default=0)
     device = grads[0].device
     dtype = stats_dtype(device)
-    zero = torch.zeros((), device=device, dtype=dtype)
+    one_device = all(g.device == device for g in grads)
     # Norms accumulate in fp32 whatever the gradient dtype, with no upcast copy.
-    norms = torch._foreach_norm(list(grads), 2, dtype=torch.float32) \
-        if all(g.device == device for g in grads) \
-        else [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]
-    rows = []
-    for t, (g, rs) in enumerate(zip(grads, refs)):
-        known = ref_sqnorms[t] if ref_sqnorms is not None else None
-        dots, sq = [], []
+    norms = torch._foreach_norm(list(grads), 2, dtype=torch.float32) if one_device \
+        else [torch.linalg.vector_norm(g, dtype=torch.float32).to(device) for g in grads]
+    zero = torch.zeros((), device=device)
+    dots: list[Tensor] = []
+    sqs: list[Tensor] = []
+    for g, rs in zip(grads, refs):
         for i in range(k):
             r = rs[i] if i < len(rs) else None
-            if r is None:
-                dots.append(zero)
-                sq.append(zero)
-                continue
-            dots.append(r.dot(g).to(device, dtype))
-            sq.append(known[i].to(device, dtype) if known is not None else r.sqnorm().to(device, dtype))
-        rows.append(torch.stack([norms[t].to(device, dtype).square(), *dots, *sq]))
-    partial = torch.stack(rows)
+            dots.append(zero if r is None else r.dot(g) if one_device else r.dot(g).to(device))
+            if ref_sqnorms is None:
+                sqs.append(zero if r is None else r.sqnorm() if one_device else r.sqnorm().to(device))
+    # Stack once and convert once: per-tensor conversions cost more than the math here.
+    columns = [torch.stack(norms).to(dtype).square().unsqueeze(1)]
+    if k:
+        columns.append(torch.stack(dots).view(len(grads), k).to(dtype))
+        columns.append(torch.stack(sqs).view(len(grads), k).to(dtype) if ref_sqnorms is None else
+                       torch.stack([_known(sq, k, device) for sq in ref_sqnorms]).to(dtype))
+    partial = torch.cat(columns, dim=1)
     return torch.zeros(num_blocks, 1 + 2 * k, device=device, dtype=dtype).index_add_(
         0, block_ids.to(device), partial)
+
+
+def _known(sqnorms: Optional[Tensor], k: int, device: torch.device) -> Tensor:
+    """A tensor's cached ``|r_i|^2`` (zeros where it has no reference)."""
+    return torch.zeros(k, device=device) if sqnorms is None else sqnorms.to(device)
 
 
 class Coefficients(NamedTuple):

@@ -7,7 +7,7 @@ stores work chunk by chunk, so no full fp32 copy of a reference is ever made.
 
 from __future__ import annotations
 
-from typing import Iterator, Union
+from typing import Iterator, Optional, Union
 
 import torch
 from torch import Tensor
@@ -55,11 +55,13 @@ class DenseStore:
             yield g[s:e].float(), r[s:e].float()
 
     def dot(self, g: Tensor) -> Tensor:
-        return sum((torch.dot(gc, rc) for gc, rc in self._pairs(g)), torch.zeros((), device=g.device))
+        pairs = list(self._pairs(g))
+        if len(pairs) == 1:
+            return torch.dot(*pairs[0])
+        return torch.stack([torch.dot(gc, rc) for gc, rc in pairs]).sum()
 
     def sqnorm(self) -> Tensor:
-        r = self.tensor.view(-1)
-        return sum((torch.dot(rc, rc) for _, rc in self._pairs(r)), torch.zeros((), device=r.device))
+        return self.dot(self.tensor)
 
     def add_to_(self, g: Tensor, b: Scalar) -> None:
         """``g += b * r`` in g's dtype."""
@@ -86,6 +88,22 @@ class DenseStore:
         return self.tensor.numel() * self.tensor.element_size()
 
 
+# The last dequantised single-chunk int8 reference. The guidance step reads each
+# reference twice in a row (``dot`` then ``sqnorm`` in the statistics pass, ``add_to_``
+# then ``lerp_`` in the apply pass); keeping one chunk (at most _CHUNK floats, whatever
+# the model size) saves half the dequantisations. Valid while the store's tensors are
+# the same objects at the same version (in-place writes bump it).
+_last_chunk: Optional[tuple[Tensor, Tensor, tuple[int, int], Tensor]] = None
+_maps: dict[torch.device, Tensor] = {}
+
+
+def _dynamic_map(device: torch.device) -> Tensor:
+    """bitsandbytes' signed dynamic 8-bit code (256 values), one copy per device."""
+    if device not in _maps:
+        _maps[device] = _bnb_functional().create_dynamic_map(signed=True).to(device)
+    return _maps[device]
+
+
 class Int8Store:
     """A reference quantised blockwise to int8 (absmax per block of 4096), as bnb does.
 
@@ -94,7 +112,7 @@ class Int8Store:
 
     def __init__(self, codes: Tensor, absmax: Tensor, shape: torch.Size) -> None:
         self.codes, self.absmax, self._shape = codes, absmax, torch.Size(shape)
-        self._code = _bnb_functional().create_dynamic_map(signed=True).to(codes.device)
+        self._code = _dynamic_map(codes.device)
 
     @classmethod
     def quantize(cls, x: Tensor) -> "Int8Store":
@@ -117,9 +135,18 @@ class Int8Store:
             yield (s, e), slice(s // INT8_BLOCKSIZE, -(-e // INT8_BLOCKSIZE))
 
     def _dequant(self, span: tuple[int, int], blocks: slice) -> Tensor:
+        global _last_chunk
         s, e = span
-        return _bnb_functional().dequantize_blockwise(
+        single = e - s == self.codes.numel()
+        if single and _last_chunk is not None:
+            codes, absmax, versions, values = _last_chunk
+            if codes is self.codes and absmax is self.absmax and versions == (codes._version, absmax._version):
+                return values
+        values = _bnb_functional().dequantize_blockwise(
             self.codes[s:e], absmax=self.absmax[blocks], code=self._code, blocksize=INT8_BLOCKSIZE)
+        if single:
+            _last_chunk = (self.codes, self.absmax, (self.codes._version, self.absmax._version), values)
+        return values
 
     def _gchunks(self, g: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
         gf = g.reshape(-1)
