@@ -2,9 +2,10 @@
 
 Three stages, as in ``torch.optim``'s functional optimizers:
 
-1. :func:`block_stats` reads every gradient once (with its references) and returns one
-   small ``[num_blocks, 1 + 2k]`` tensor: ``|g|^2``, ``<g, r_i>`` and ``|r_i|^2``.
-   Under sharded gradients this is the only tensor that needs an ``all_reduce``.
+1. :func:`tensor_stats` reads every gradient once (with its references);
+   :func:`block_stats` sums it into one small ``[num_blocks, 1 + 2k]`` tensor:
+   ``|g|^2``, ``<g, r_i>`` and ``|r_i|^2``. Under sharded gradients this is the only
+   tensor that needs an ``all_reduce``.
 2. :func:`guidance_coefficients` turns the statistics into per-block scalars
    (source weights, direction rule, magnitude rule): ``g <- a g + sum_i b_i r_i``.
 3. :func:`apply_guidance_` writes the gradients once, fused with the EMA-reference
@@ -38,29 +39,28 @@ def stats_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-def block_stats(
+def tensor_stats(
     grads: Sequence[Tensor],
     refs: Sequence[Sequence[Optional[Store]]],
-    block_ids: Tensor,
-    num_blocks: int,
-    ref_sqnorms: Optional[Sequence[Optional[Tensor]]] = None,
+    ref_sqnorms: Union[Tensor, Sequence[Optional[Tensor]], None] = None,
 ) -> Tensor:
-    """Per-block ``[|g|^2, <g, r_1>.. <g, r_k>, |r_1|^2 .. |r_k|^2]``, shape ``[B, 1 + 2k]``.
+    """The statistics pass: per tensor ``[|g|^2, <g, r_1>.. <g, r_k>, |r_1|^2 .. |r_k|^2]``.
 
-    ``refs[t][i]`` is source ``i``'s reference for gradient ``t`` (None: not used for
-    that tensor). ``ref_sqnorms[t]``, when given, holds the ``k`` known ``|r_i|^2`` of a
-    frozen reference, so only ``<g, r_i>`` is read. Each tensor's sums are fp32 BLAS
-    reductions (relative error ~1e-6); they are added across tensors in float64.
+    Returns shape ``[T, 1 + 2k]`` in float64 (float32 on MPS). ``refs[t][i]`` is source
+    ``i``'s reference for gradient ``t`` (None: not used for that tensor).
+    ``ref_sqnorms`` (a ``[T, k]`` tensor, or one ``[k]`` tensor or None per gradient),
+    when given, holds known ``|r_i|^2`` so only ``<g, r_i>`` is read. Each tensor's sums
+    are fp32 BLAS reductions (relative error ~1e-6).
 
     Example:
         >>> from sgg_optim.storage import make_store
         >>> g = [torch.tensor([3.0, 4.0]), torch.tensor([1.0])]
         >>> r = [[make_store(torch.tensor([1.0, 0.0]), "fp32")], [None]]
-        >>> block_stats(g, r, torch.tensor([0, 0]), 1).tolist()
-        [[26.0, 3.0, 1.0]]
+        >>> tensor_stats(g, r).tolist()
+        [[25.0, 3.0, 1.0], [1.0, 0.0, 0.0]]
     """
     if not grads:
-        raise ValueError("block_stats needs at least one gradient")
+        raise ValueError("tensor_stats needs at least one gradient")
     k = max((len(rs) for rs in refs), default=0)
     device = grads[0].device
     dtype = stats_dtype(device)
@@ -81,11 +81,40 @@ def block_stats(
     columns = [torch.stack(norms).to(dtype).square().unsqueeze(1)]
     if k:
         columns.append(torch.stack(dots).view(len(grads), k).to(dtype))
-        columns.append(torch.stack(sqs).view(len(grads), k).to(dtype) if ref_sqnorms is None else
-                       torch.stack([_known(sq, k, device) for sq in ref_sqnorms]).to(dtype))
-    partial = torch.cat(columns, dim=1)
-    return torch.zeros(num_blocks, 1 + 2 * k, device=device, dtype=dtype).index_add_(
-        0, block_ids.to(device), partial)
+        if ref_sqnorms is None:
+            columns.append(torch.stack(sqs).view(len(grads), k).to(dtype))
+        elif isinstance(ref_sqnorms, Tensor):
+            columns.append(ref_sqnorms.to(device, dtype).view(len(grads), k))
+        else:
+            columns.append(torch.stack([_known(sq, k, device) for sq in ref_sqnorms]).to(dtype))
+    return torch.cat(columns, dim=1)
+
+
+def sum_blocks(partial: Tensor, block_ids: Tensor, num_blocks: int) -> Tensor:
+    """Add per-tensor statistics into their blocks: ``[T, m] -> [num_blocks, m]``."""
+    return torch.zeros(num_blocks, partial.shape[1], device=partial.device, dtype=partial.dtype).index_add_(
+        0, block_ids.to(partial.device), partial)
+
+
+def block_stats(
+    grads: Sequence[Tensor],
+    refs: Sequence[Sequence[Optional[Store]]],
+    block_ids: Tensor,
+    num_blocks: int,
+    ref_sqnorms: Union[Tensor, Sequence[Optional[Tensor]], None] = None,
+) -> Tensor:
+    """Per-block statistics, shape ``[num_blocks, 1 + 2k]``: :func:`tensor_stats` summed
+    into blocks (in float64). Under sharded gradients this is the only tensor that needs
+    an ``all_reduce``.
+
+    Example:
+        >>> from sgg_optim.storage import make_store
+        >>> g = [torch.tensor([3.0, 4.0]), torch.tensor([1.0])]
+        >>> r = [[make_store(torch.tensor([1.0, 0.0]), "fp32")], [None]]
+        >>> block_stats(g, r, torch.tensor([0, 0]), 1).tolist()
+        [[26.0, 3.0, 1.0]]
+    """
+    return sum_blocks(tensor_stats(grads, refs, ref_sqnorms), block_ids, num_blocks)
 
 
 def _known(sqnorms: Optional[Tensor], k: int, device: torch.device) -> Tensor:
