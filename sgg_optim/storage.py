@@ -148,17 +148,23 @@ class Int8Store:
             _last_chunk = (self.codes, self.absmax, (self.codes._version, self.absmax._version), values)
         return values
 
-    def _gchunks(self, g: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
-        gf = g.reshape(-1)
+    def _values(self) -> Iterator[Tensor]:
+        """The reference, dequantised one fp32 chunk at a time."""
         for span, blocks in self._chunks():
-            yield gf[span[0]:span[1]], self._dequant(span, blocks)
+            yield self._dequant(span, blocks)
+
+    def _gchunks(self, g: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
+        """Aligned chunks of (g, dequantised r)."""
+        gf = g.reshape(-1)
+        for ((s, e), _), rc in zip(self._chunks(), self._values()):
+            yield gf[s:e], rc
 
     def dot(self, g: Tensor) -> Tensor:
         return sum((torch.dot(gc.float(), rc) for gc, rc in self._gchunks(g)),
                    torch.zeros((), device=g.device))
 
     def sqnorm(self) -> Tensor:
-        return sum((torch.dot(rc, rc) for _, rc in self._gchunks(self.codes)),
+        return sum((torch.dot(rc, rc) for rc in self._values()),
                    torch.zeros((), device=self.codes.device))
 
     def add_to_(self, g: Tensor, b: Scalar) -> None:
@@ -173,7 +179,7 @@ class Int8Store:
                                  out=self.codes[s:e], blocksize=INT8_BLOCKSIZE)
 
     def dense(self) -> Tensor:
-        return torch.cat([rc for _, rc in self._gchunks(self.codes)]).view(self._shape)
+        return torch.cat(list(self._values())).view(self._shape)
 
     def state(self) -> dict[str, Tensor]:
         return {"codes": self.codes, "absmax": self.absmax}
