@@ -269,7 +269,8 @@ class GuidedOptimizer(Optimizer):
         """Rewrite the gradients in place; False if the step must be skipped."""
         cfg = self.config
         params = [p for _, _, p in guided]
-        grads = [p.grad for p in params]
+        self._shard_group = _shard_group(params, self.reference_mode)
+        grads = [_local(p.grad) for p in params]  # FSDP2: this rank's shard; stats are partial sums
         device = grads[0].device
         num_blocks = self._num_blocks()
         if self._norm_ema is None or self._norm_ema.shape[0] != num_blocks or self._norm_ema.device != device:
@@ -281,7 +282,7 @@ class GuidedOptimizer(Optimizer):
         if use_ema:
             for p in params:
                 if p not in self._ema:
-                    self._ema[p] = zeros_store(p, cfg.reference_dtype)
+                    self._ema[p] = zeros_store(_local(p), cfg.reference_dtype)
         direction_on = cfg.direction != "off" and (sources or self._accepted >= cfg.warmup_steps)
         if not direction_on:
             refs: list[list[Optional[Store]]] = [[] for _ in params]
@@ -353,7 +354,16 @@ class GuidedOptimizer(Optimizer):
             self._align_ema = torch.where(seen.unsqueeze(1), coef.alignment, self._align_ema)
 
     def _reduce_stats(self, stats: Tensor) -> Tensor:
-        """Sum partial statistics over shards; the identity for unsharded gradients."""
+        """Sum partial statistics over shards; the identity for unsharded gradients.
+
+        Under FSDP2 each rank holds a shard of every gradient, so ``block_stats`` gives
+        partial sums: one ``all_reduce`` of this ``[num_blocks, 1 + 2k]`` tensor (8 bytes
+        an entry) makes them whole, and every rank then computes the same coefficients.
+        DDP gradients are already averaged, so nothing is reduced there.
+        """
+        group = getattr(self, "_shard_group", None)
+        if group is not None:
+            torch.distributed.all_reduce(stats, group=group)
         return stats
 
     # -- reporting --------------------------------------------------------------------------
@@ -457,7 +467,7 @@ class GuidedOptimizer(Optimizer):
             for key, tensors in entry.items():
                 tensors = {n: t.to(p.device) for n, t in tensors.items()}
                 try:
-                    store = store_from_state(tensors, p.shape, storage)
+                    store = store_from_state(tensors, _local(p).shape, storage)
                 except ValueError as e:
                     raise ValueError(f"state_dict reference '{key}' of parameter {self._describe(int(i))}: {e}") from e
                 if key == "ema":
@@ -469,3 +479,46 @@ class GuidedOptimizer(Optimizer):
             "_norm_ema": saved["norm_ema"], "_norm_count": saved["norm_count"], "_align_ema": saved["align_ema"],
             "_ema": ema, "_sources": sources, "_num_sources": k,
         }
+
+
+def _local(t: Tensor) -> Tensor:
+    """A DTensor's local shard (an alias: in-place writes reach the DTensor), else ``t``."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+_DTENSOR: Any = None  # the DTensor class, imported on first use (or () without torch.distributed)
+
+
+def _is_dtensor(t: Any) -> bool:
+    global _DTENSOR
+    if _DTENSOR is None:
+        try:
+            from torch.distributed.tensor import DTensor as cls
+        except ImportError:  # pragma: no cover - torch built without distributed
+            cls = ()
+        _DTENSOR = cls
+    return isinstance(t, _DTENSOR)
+
+
+def _shard_group(params: Sequence[Tensor], reference_mode: str) -> Any:
+    """The process group over which the gradients are sharded (FSDP2), or None.
+
+    Only one sharded mesh dimension is supported (FSDP2, or HSDP's shard dimension); a
+    mix of sharded and plain gradients, or frozen references on sharded parameters,
+    would give wrong statistics, so they raise instead.
+    """
+    sharded = [_is_dtensor(p.grad) for p in params]
+    if not any(sharded):
+        return None
+    if not all(sharded):
+        raise NotImplementedError("some guided gradients are DTensors (FSDP2) and some are not: shard every "
+                                  "guided parameter (fully_shard the root module) or guide them separately")
+    if reference_mode != "ema":
+        raise NotImplementedError("frozen references (captured or loaded) on FSDP2-sharded parameters are not "
+                                  "supported yet: use reference='ema', or DDP (see docs/distributed.md)")
+    grad = params[0].grad
+    dims = [i for i, placement in enumerate(grad.placements) if placement.is_shard()]
+    if len(dims) != 1 or any(not pl.is_replicate() for i, pl in enumerate(grad.placements) if i not in dims):
+        raise NotImplementedError(f"gradient placements {grad.placements}: guidance supports one sharded mesh "
+                                  "dimension (FSDP2 or HSDP)")
+    return grad.device_mesh.get_group(dims[0])

@@ -1,0 +1,114 @@
+"""Guided training with FSDP2 (``fully_shard``, DTensor gradients) on CPU with gloo.
+
+Accelerate's FSDP path needs an accelerator device (with ``cpu=True`` it falls back to
+plain multi-CPU), so this worker shards with torch's ``fully_shard`` directly and
+wraps the optimizer with :class:`GuidancePlugin`, as a training script would. Same
+model, data split and ``SGG_*`` settings as train_worker.py. Rank ``r`` writes
+``rank{r}.pt``: full parameters, stats, the all_reduce calls made inside each
+``step()`` (count and bytes), the parameters of a run resumed after step 3 from the
+per-rank ``state_dict()`` snapshots, and the error a frozen reference raises.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from train_worker import micro_batch, tiny_mlp
+
+from sgg_optim import Reference
+from sgg_optim.accelerate import GuidancePlugin
+
+
+def build(mesh, plugin):
+    model = tiny_mlp()
+    for layer in (model[0], model[2]):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model, plugin.wrap(torch.optim.AdamW(model.parameters(), lr=1e-2))
+
+
+def train(model, opt, steps, rank, world, stats=None):
+    for step in steps:
+        x, y = micro_batch(step, rank, world)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        grads_are_dtensors = all(type(p.grad).__name__ == "DTensor" for p in model.parameters())
+        opt.step()
+        opt.zero_grad()
+        if stats is not None:
+            stats.append({**opt.stats, "dtensor_grads": grads_are_dtensors})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--steps", type=int, default=8)
+    args = ap.parse_args()
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    plugin = GuidancePlugin()
+    model, opt = build(mesh, plugin)
+
+    calls: list[list[int]] = []
+    in_step = [False]
+    all_reduce = dist.all_reduce
+
+    def counting_all_reduce(tensor, *a, **k):
+        if in_step[0]:
+            calls[-1].append(tensor.numel() * tensor.element_size())
+        return all_reduce(tensor, *a, **k)
+
+    dist.all_reduce = counting_all_reduce
+    def enter(o, a, k):
+        calls.append([])
+        in_step[0] = True
+
+    def leave(o, a, k):
+        in_step[0] = False
+
+    opt.register_step_pre_hook(enter)
+    opt.register_step_post_hook(leave)
+    stats: list[dict] = []
+    train(model, opt, range(3), rank, world, stats)
+    snapshot = copy.deepcopy((model.state_dict(), opt.state_dict()))  # per-rank shards
+    train(model, opt, range(3, args.steps), rank, world, stats)
+    params = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+    guidance = opt.state_dict()["guidance"]
+    dist.all_reduce = all_reduce
+
+    # Resume from the per-rank snapshot in a fresh sharded model and optimizer.
+    model2, opt2 = build(mesh, plugin)
+    model2.load_state_dict(snapshot[0])
+    opt2.load_state_dict(snapshot[1])
+    train(model2, opt2, range(3, args.steps), rank, world)
+    resumed = {n: p.full_tensor().detach().clone() for n, p in model2.named_parameters()}
+
+    # A frozen reference (e.g. from Reference.load) on sharded parameters: a clear error.
+    ref = Reference({n: torch.ones(p.shape) for n, p in model2.named_parameters()}, model=model2)
+    opt2.set_reference(ref)
+    x, y = micro_batch(0, rank, world)
+    torch.nn.functional.cross_entropy(model2(x), y).backward()
+    try:
+        opt2.step()
+        frozen_error = None
+    except NotImplementedError as e:
+        frozen_error = str(e)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save({"world": world, "params": params, "stats": stats, "all_reduce_bytes": calls,
+                "config": plugin.guidance_kwargs(), "guidance": guidance, "resumed": resumed,
+                "frozen_error": frozen_error,
+                "local_numel": sum(p.to_local().numel() for p in model.parameters())},
+               out / f"rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
