@@ -16,13 +16,14 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .config import STRUCTURAL_FIELDS, GuidanceConfig
+from .checkpoint import CHECKPOINT_FORMAT, check_compatible, pack_references, unpack_references
+from .config import GuidanceConfig
 from .functional import FIGURES, apply_guidance_, block_stats, guidance_coefficients, stats_dtype
 from .reference import Reference, param_names
-from .storage import Store, make_store, store_from_state, zeros_store
+from .sharding import local_shard, shard_group
+from .storage import Store, zeros_store
 
 ReferenceSpec = Union[str, Reference, Sequence[Reference]]
-_FORMAT = 1
 
 
 class GuidedOptimizer(Optimizer):
@@ -75,6 +76,7 @@ class GuidedOptimizer(Optimizer):
         self._align_ema: Optional[Tensor] = None
         self._figures: Union[Tensor, list[float], None] = None
         self._ids_cache: Optional[tuple[Any, Tensor]] = None
+        self._shard_group: Any = None  # FSDP2: the group the statistics are summed over
         self.set_reference(reference)
 
     # -- forwarding: the base optimizer's structures, never copies ------------------
@@ -269,8 +271,8 @@ class GuidedOptimizer(Optimizer):
         """Rewrite the gradients in place; False if the step must be skipped."""
         cfg = self.config
         params = [p for _, _, p in guided]
-        self._shard_group = _shard_group(params, self.reference_mode)
-        grads = [_local(p.grad) for p in params]  # FSDP2: this rank's shard; stats are partial sums
+        self._shard_group = shard_group(params, self.reference_mode)
+        grads = [local_shard(p.grad) for p in params]  # FSDP2: this rank's shard; stats are partial sums
         device = grads[0].device
         num_blocks = self._num_blocks()
         if self._norm_ema is None or self._norm_ema.shape[0] != num_blocks or self._norm_ema.device != device:
@@ -282,7 +284,7 @@ class GuidedOptimizer(Optimizer):
         if use_ema:
             for p in params:
                 if p not in self._ema:
-                    self._ema[p] = zeros_store(_local(p), cfg.reference_dtype)
+                    self._ema[p] = zeros_store(local_shard(p), cfg.reference_dtype)
         direction_on = cfg.direction != "off" and (sources or self._accepted >= cfg.warmup_steps)
         if not direction_on:
             refs: list[list[Optional[Store]]] = [[] for _ in params]
@@ -361,9 +363,8 @@ class GuidedOptimizer(Optimizer):
         an entry) makes them whole, and every rank then computes the same coefficients.
         DDP gradients are already averaged, so nothing is reduced there.
         """
-        group = getattr(self, "_shard_group", None)
-        if group is not None:
-            torch.distributed.all_reduce(stats, group=group)
+        if self._shard_group is not None:
+            torch.distributed.all_reduce(stats, group=self._shard_group)
         return stats
 
     # -- reporting --------------------------------------------------------------------------
@@ -395,15 +396,8 @@ class GuidedOptimizer(Optimizer):
         primitives only, so ``torch.load(weights_only=True)`` reads it)."""
         state = self.base_optimizer.state_dict()
         index = {p: i for i, (_, p) in enumerate(self._flat_params())}
-        refs: dict[int, dict[str, dict[str, Tensor]]] = {}
-        for p, store in self._ema.items():
-            refs.setdefault(index[p], {})["ema"] = store.state()
-        for p, stores in self._sources.items():
-            for j, s in enumerate(stores):
-                if s is not None:
-                    refs.setdefault(index[p], {})[f"source{j}"] = s.state()
         state["guidance"] = {
-            "format": _FORMAT,
+            "format": CHECKPOINT_FORMAT,
             "config": self.config.as_dict(),
             "reference": self.reference_mode,
             "num_sources": self._num_sources,
@@ -413,7 +407,7 @@ class GuidedOptimizer(Optimizer):
             "norm_ema": self._norm_ema,
             "norm_count": self._norm_count,
             "align_ema": self._align_ema,
-            "refs": refs,
+            "refs": pack_references(self._ema, self._sources, index),
         }
         return state
 
@@ -421,7 +415,7 @@ class GuidedOptimizer(Optimizer):
         """Load a :meth:`state_dict`. The guidance entry is fully checked (format, scope,
         reference storage and kind, parameter layout) before anything changes; a
         mismatch raises ``ValueError`` naming it. A plain base-optimizer state dict
-        loads with a warning and fresh guidance state."""
+        loads with a warning and leaves the guidance state as it is."""
         state_dict = dict(state_dict)
         saved = state_dict.pop("guidance", None)
         if saved is None:
@@ -438,87 +432,13 @@ class GuidedOptimizer(Optimizer):
 
     def _parse_guidance(self, saved: dict[str, Any]) -> dict[str, Any]:
         """Validate a saved guidance entry and build the attributes it restores."""
-        if saved.get("format") != _FORMAT:
-            raise ValueError(f"state_dict['guidance'] has format {saved.get('format')!r}, expected {_FORMAT}")
-        mine = self.config.as_dict()
-        for field in STRUCTURAL_FIELDS:
-            if saved["config"].get(field) != mine[field]:
-                raise ValueError(f"state_dict was saved with {field}={saved['config'].get(field)!r}, "
-                                 f"this optimizer has {field}={mine[field]!r}")
-        if (saved["reference"], saved["num_sources"]) != (self.reference_mode, self._num_sources):
-            raise ValueError(f"state_dict guides toward reference={saved['reference']!r} with "
-                             f"{saved['num_sources']} source(s); this optimizer uses {self.reference_mode!r} "
-                             f"with {self._num_sources}: build it with the same kind of reference")
         flat = self._flat_params()
-        layout = [list(p.shape) for _, p in flat]
-        if saved["layout"] != layout:
-            if len(saved["layout"]) != len(layout):
-                raise ValueError(f"state_dict covers {len(saved['layout'])} parameters, "
-                                 f"this optimizer has {len(layout)}")
-            i = next(i for i, (x, y) in enumerate(zip(saved["layout"], layout)) if x != y)
-            raise ValueError(f"state_dict parameter #{i} has shape {tuple(saved['layout'][i])}, "
-                             f"this optimizer's is {self._describe(i)}")
-        k = saved["num_sources"]
-        storage = self.config.reference_dtype
-        ema: dict[Tensor, Store] = {}
-        sources: dict[Tensor, list[Optional[Store]]] = {}
-        for i, entry in saved["refs"].items():
-            p = flat[int(i)][1]
-            for key, tensors in entry.items():
-                tensors = {n: t.to(p.device) for n, t in tensors.items()}
-                try:
-                    store = store_from_state(tensors, _local(p).shape, storage)
-                except ValueError as e:
-                    raise ValueError(f"state_dict reference '{key}' of parameter {self._describe(int(i))}: {e}") from e
-                if key == "ema":
-                    ema[p] = store
-                else:
-                    sources.setdefault(p, [None] * k)[int(key[len("source"):])] = store
+        check_compatible(saved, self.config, self.reference_mode, self._num_sources,
+                         [list(p.shape) for _, p in flat], self._describe)
+        ema, sources = unpack_references(saved["refs"], [p for _, p in flat], saved["num_sources"],
+                                         self.config.reference_dtype, self._describe)
         return {
             "_accepted": int(saved["accepted"]), "_skipped": int(saved["skipped"]),
             "_norm_ema": saved["norm_ema"], "_norm_count": saved["norm_count"], "_align_ema": saved["align_ema"],
-            "_ema": ema, "_sources": sources, "_num_sources": k,
+            "_ema": ema, "_sources": sources, "_num_sources": saved["num_sources"],
         }
-
-
-def _local(t: Tensor) -> Tensor:
-    """A DTensor's local shard (an alias: in-place writes reach the DTensor), else ``t``."""
-    return t.to_local() if _is_dtensor(t) else t
-
-
-_DTENSOR: Any = None  # the DTensor class, imported on first use (or () without torch.distributed)
-
-
-def _is_dtensor(t: Any) -> bool:
-    global _DTENSOR
-    if _DTENSOR is None:
-        try:
-            from torch.distributed.tensor import DTensor as cls
-        except ImportError:  # pragma: no cover - torch built without distributed
-            cls = ()
-        _DTENSOR = cls
-    return isinstance(t, _DTENSOR)
-
-
-def _shard_group(params: Sequence[Tensor], reference_mode: str) -> Any:
-    """The process group over which the gradients are sharded (FSDP2), or None.
-
-    Only one sharded mesh dimension is supported (FSDP2, or HSDP's shard dimension); a
-    mix of sharded and plain gradients, or frozen references on sharded parameters,
-    would give wrong statistics, so they raise instead.
-    """
-    sharded = [_is_dtensor(p.grad) for p in params]
-    if not any(sharded):
-        return None
-    if not all(sharded):
-        raise NotImplementedError("some guided gradients are DTensors (FSDP2) and some are not: shard every "
-                                  "guided parameter (fully_shard the root module) or guide them separately")
-    if reference_mode != "ema":
-        raise NotImplementedError("frozen references (captured or loaded) on FSDP2-sharded parameters are not "
-                                  "supported yet: use reference='ema', or DDP (see docs/distributed.md)")
-    grad = params[0].grad
-    dims = [i for i, placement in enumerate(grad.placements) if placement.is_shard()]
-    if len(dims) != 1 or any(not pl.is_replicate() for i, pl in enumerate(grad.placements) if i not in dims):
-        raise NotImplementedError(f"gradient placements {grad.placements}: guidance supports one sharded mesh "
-                                  "dimension (FSDP2 or HSDP)")
-    return grad.device_mesh.get_group(dims[0])
