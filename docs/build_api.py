@@ -29,6 +29,8 @@ sys.path.insert(0, str(ROOT))
 import sgg_optim  # noqa: E402
 import sgg_optim.functional  # noqa: E402
 import sgg_optim.rules  # noqa: E402
+import sgg_optim.accelerate  # noqa: E402
+import sgg_optim.integrations.transformers  # noqa: E402
 
 # The top-level names in reading order; anything else in __all__ follows, sorted.
 LEADING = ["GuidedOptimizer", "GuidedAdamW", "GuidedAdamW8bit", "GuidedPagedAdamW8bit", "GuidanceConfig",
@@ -307,7 +309,9 @@ def registry_text(value: Any) -> str:
 
 def build() -> tuple[str, list[str]]:
     # Headings first (so links resolve forward as well as backward), then the text.
-    modules = [("sgg_optim.rules", sgg_optim.rules), ("sgg_optim.functional", sgg_optim.functional)]
+    modules = [("sgg_optim.rules", sgg_optim.rules), ("sgg_optim.functional", sgg_optim.functional),
+               ("sgg_optim.accelerate", sgg_optim.accelerate),
+               ("sgg_optim.integrations.transformers", sgg_optim.integrations.transformers)]
     targets: dict[str, str] = {}
     for name in top_level_names():
         targets[name] = anchor(f"`{name}`")
