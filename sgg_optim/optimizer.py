@@ -211,34 +211,37 @@ class GuidedOptimizer(Optimizer):
     def _prepare_sources(self) -> None:
         """Cache |r_i|^2 per tensor and the per-block Gram matrix; drop non-finite sources.
 
-        Runs once per reference change (it reads a few scalars on the host, which is
-        fine here and never happens in ``step()``).
+        Runs once per reference change (it reads a few scalars on the host and, under
+        FSDP2, sums the Gram matrix over the shards: fine here, never in ``step()``).
         """
-        k, num_blocks = self._num_sources, self._num_blocks()
-        scope = self.config.scope
+        k, scope = self._num_sources, self.config.scope
         index = {p: (i, gi) for i, (gi, p) in enumerate(self._flat_params())}
-        gram = torch.zeros(num_blocks, k, k, dtype=torch.float64)
-        block_of = {}
+        gram = torch.zeros(self._num_blocks(), k, k, dtype=torch.float64)
+        block_of, local_gram = {}, {}
         for p, stores in self._sources.items():
             i, gi = index[p]
-            blk = 0 if scope == "global" else gi if scope == "group" else i
-            block_of[p] = blk
+            block_of[p] = 0 if scope == "global" else gi if scope == "group" else i
             dense = [s.dense() if s is not None else None for s in stores]
-            for a in range(k):
-                for b in range(a, k):
-                    if dense[a] is not None and dense[b] is not None:
-                        v = stores[a].dot(dense[b]).double().cpu()  # type: ignore[union-attr]
-                        gram[blk, a, b] += v
-                        gram[blk, b, a] += v if a != b else 0
-        bad = ~torch.isfinite(gram.diagonal(dim1=1, dim2=2))  # [B, k]
+            g = torch.zeros(k, k, dtype=torch.float64)
+            for a, b in ((a, b) for a in range(k) for b in range(a, k)):
+                if dense[a] is not None and dense[b] is not None:
+                    g[a, b] = g[b, a] = stores[a].dot(dense[b]).double().cpu()  # type: ignore[union-attr]
+            local_gram[p] = g
+            gram[block_of[p]] += g
+        group = shard_group(list(self._sources))
+        if group is not None:  # each rank summed its shards only
+            device = local_shard(next(iter(self._sources))).device
+            summed = gram.to(device)
+            torch.distributed.all_reduce(summed, group=group)
+            gram = summed.cpu()
+        bad = ~torch.isfinite(gram.diagonal(dim1=1, dim2=2))  # [B, k]: a non-finite source
         for p, stores in self._sources.items():
             for j in range(k):
                 if bad[block_of[p], j]:
                     stores[j] = None
-        gram = torch.where(torch.isfinite(gram), gram, torch.zeros_like(gram))
-        self._gram = gram
-        self._source_sqnorms = {p: gram[block_of[p]].diagonal().new_tensor(
-            [s.sqnorm().item() if s is not None else 0.0 for s in stores]) for p, stores in self._sources.items()}
+        self._gram = torch.where(torch.isfinite(gram), gram, torch.zeros_like(gram))
+        self._source_sqnorms = {p: torch.where(bad[block_of[p]], 0.0, local_gram[p].diagonal())
+                                for p in self._sources}
 
     # -- the step -------------------------------------------------------------------------
     @torch.no_grad()
@@ -271,7 +274,7 @@ class GuidedOptimizer(Optimizer):
         """Rewrite the gradients in place; False if the step must be skipped."""
         cfg = self.config
         params = [p for _, _, p in guided]
-        self._shard_group = shard_group(params, self.reference_mode)
+        self._shard_group = shard_group([p.grad for p in params])
         grads = [local_shard(p.grad) for p in params]  # FSDP2: this rank's shard; stats are partial sums
         device = grads[0].device
         num_blocks = self._num_blocks()

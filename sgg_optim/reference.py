@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .config import REFERENCE_DTYPES
+from .sharding import ShardSpec, gather, is_sharded, local_slice
 from .storage import INT8_BLOCKSIZE, Store, make_store, store_from_state
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -40,6 +41,11 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def local_device(t: Tensor) -> torch.device:
+    """The device of ``t``'s data on this rank (its local shard's, for a DTensor)."""
+    return t.to_local().device if is_sharded(t) else t.device
+
+
 def param_names(optimizer: torch.optim.Optimizer) -> dict[Tensor, str]:
     """Parameter -> name, for optimizers built from ``model.named_parameters()``."""
     names: dict[Tensor, str] = {}
@@ -53,6 +59,9 @@ class Reference:
     """A reference direction: one stored tensor per parameter name.
 
     Build one with :func:`capture_reference` or :meth:`load`, or from tensors directly.
+    Under FSDP2 each rank keeps only its shard of each sharded tensor (DTensor);
+    :meth:`save` gathers them into one ordinary file and :meth:`load` cuts each rank's
+    shard again, so a file does not depend on how the model was sharded.
 
     Example:
         >>> import torch
@@ -66,7 +75,10 @@ class Reference:
         if storage not in REFERENCE_DTYPES:
             raise ValueError(f"storage must be one of {REFERENCE_DTYPES}, got {storage!r}")
         self.storage = storage
-        self.stores: dict[str, Store] = {n: make_store(t, storage) for n, t in tensors.items()}
+        # name -> where the shards live, for the tensors that are sharded (FSDP2)
+        self.specs: dict[str, ShardSpec] = {n: ShardSpec.of(t) for n, t in tensors.items() if is_sharded(t)}
+        self.stores: dict[str, Store] = {
+            n: make_store(t.to_local() if n in self.specs else t, storage) for n, t in tensors.items()}
         self._bound: dict[Tensor, str] = {}
         if model is not None:
             self.bind(model)
@@ -83,8 +95,12 @@ class Reference:
         return list(self.stores)
 
     def __getitem__(self, name: str) -> Tensor:
-        """The reference for ``name``, dequantised to fp32."""
+        """The reference for ``name``, dequantised to fp32 (this rank's shard if sharded)."""
         return self.stores[name].dense()
+
+    def shape(self, name: str) -> torch.Size:
+        """The full shape of ``name``'s tensor (also when this rank holds a shard)."""
+        return self.specs[name].shape if name in self.specs else self.stores[name].shape
 
     def __contains__(self, name: object) -> bool:
         return name in self.stores
@@ -122,30 +138,40 @@ class Reference:
                 "capture_reference(model, ...), ref.bind(model), or build the optimizer "
                 "from model.named_parameters())")
             raise ValueError(f"reference {source} has no tensor for parameter {description}{hint}")
-        shape = self.stores[key].shape
+        shape = self.shape(key)
         if shape != param.shape:
             raise ValueError(f"reference {source} tensor '{key}' has shape {tuple(shape)}, "
                              f"parameter {description} has {tuple(param.shape)}")
 
     def store_for(self, param: Tensor, name: Optional[str], storage: str) -> Store:
         """The stored reference of ``param`` as ``storage``, on ``param``'s device."""
-        store = self.stores[self._key(param, name)]  # type: ignore[index]
-        same_device = next(iter(store.state().values())).device == param.device
+        key = self._key(param, name)
+        store = self.stores[key]  # type: ignore[index]
+        if is_sharded(param) and key not in self.specs:  # a full reference for a sharded parameter
+            return make_store(local_slice(store.dense().to(param.device), ShardSpec.of(param)), storage)
+        same_device = next(iter(store.state().values())).device == local_device(param)
         if storage == self.storage and same_device:
             return store  # frozen: safe to share, no copy
-        return make_store(store.dense().to(param.device), storage)
+        return make_store(store.dense().to(local_device(param)), storage)
 
     # -- files ---------------------------------------------------------------------------
     def save(self, path: PathLike) -> None:
         """Write safetensors with metadata (names, shapes, dtype, storage, version).
 
-        Atomic: written to a temporary file beside ``path``, then renamed over it.
+        Atomic: written to a temporary file beside ``path``, then renamed over it. A
+        sharded reference is gathered first, which is a collective: every rank calls
+        ``save``, rank 0 writes, and all ranks return once the file is in place.
         """
         path = Path(path)
         tensors: dict[str, Tensor] = {}
         for name, store in self.stores.items():
+            if name in self.specs:
+                store = make_store(gather(store.dense(), self.specs[name]), self.storage)
             for part, t in store.state().items():
                 tensors[f"{name}/{part}"] = t.detach().cpu().contiguous()
+        if self.specs and torch.distributed.get_rank() != 0:
+            torch.distributed.barrier()
+            return
         metadata = {
             "format": _FORMAT_NAME,
             "library_version": _library_version(),
@@ -153,7 +179,7 @@ class Reference:
             "dtype": _STATE_DTYPES[self.storage],
             "blocksize": str(INT8_BLOCKSIZE),
             "names": json.dumps(self.names),
-            "shapes": json.dumps({n: list(s.shape) for n, s in self.stores.items()}),
+            "shapes": json.dumps({n: list(self.shape(n)) for n in self.stores}),
         }
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
@@ -163,13 +189,17 @@ class Reference:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        finally:
+            if self.specs:
+                torch.distributed.barrier()
 
     @classmethod
     def load(cls, path: PathLike, model: nn.Module, *, device: Optional[torch.device] = None) -> "Reference":
         """Read a reference written by :meth:`save` and bind it to ``model``.
 
         Checks that the file names exactly the model's trainable parameters with their
-        shapes; the first mismatch raises ``ValueError`` naming it and the file.
+        shapes; the first mismatch raises ``ValueError`` naming it and the file. For a
+        sharded (FSDP2) parameter each rank keeps its own shard.
         """
         path = Path(path)
         if not path.is_file():
@@ -198,16 +228,22 @@ class Reference:
         if missing:
             raise ValueError(f"reference file {str(path)!r} has no tensor for trainable parameter '{missing[0]}'")
         stores: dict[str, Store] = {}
+        specs: dict[str, ShardSpec] = {}
         for n in names:
             # A fresh (aligned) copy: results then match the in-memory reference bit for
             # bit, and nothing keeps the file mapped.
-            state = {k.rsplit("/", 1)[1]: v.to(device or params[n].device, copy=True)
+            state = {k.rsplit("/", 1)[1]: v.to(device or local_device(params[n]), copy=True)
                      for k, v in parts.items() if k.rsplit("/", 1)[0] == n}
             try:
                 stores[n] = store_from_state(state, shapes[n], storage)
             except ValueError as e:
                 raise ValueError(f"reference file {str(path)!r} tensor '{n}': {e}") from e
-        return cls._from_stores(stores, storage).bind(model)
+            if is_sharded(params[n]):
+                specs[n] = ShardSpec.of(params[n])
+                stores[n] = make_store(local_slice(stores[n].dense(), specs[n]), storage)
+        ref = cls._from_stores(stores, storage)
+        ref.specs = specs
+        return ref.bind(model)
 
 
 def _call_model(model: nn.Module, batch: Any) -> Tensor:

@@ -6,7 +6,9 @@ wraps the optimizer with :class:`GuidancePlugin`, as a training script would. Sa
 model, data split and ``SGG_*`` settings as train_worker.py. Rank ``r`` writes
 ``rank{r}.pt``: full parameters, stats, the all_reduce calls made inside each
 ``step()`` (count and bytes), the parameters of a run resumed after step 3 from the
-per-rank ``state_dict()`` snapshots, and the error a frozen reference raises.
+per-rank ``state_dict()`` snapshots, and the parameters of a run guided toward a
+source reference captured on the sharded model, saved (gathered) and loaded again
+(re-sharded), as train_worker.py's ``--reference source``.
 """
 
 from __future__ import annotations
@@ -21,16 +23,22 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from train_worker import micro_batch, tiny_mlp
 
-from sgg_optim import Reference
+from sgg_optim import Reference, capture_reference
 from sgg_optim.accelerate import GuidancePlugin
 
 
-def build(mesh, plugin):
+def build(mesh, plugin, reference=None):
     model = tiny_mlp()
     for layer in (model[0], model[2]):
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    return model, plugin.wrap(torch.optim.AdamW(model.parameters(), lr=1e-2))
+    if isinstance(reference, str):  # a saved reference file, re-sharded for this model
+        reference = Reference.load(reference, model)
+    return model, plugin.wrap(torch.optim.AdamW(model.parameters(), lr=1e-2), reference=reference)
+
+
+def full_params(model):
+    return {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
 
 
 def train(model, opt, steps, rank, world, stats=None):
@@ -78,7 +86,7 @@ def main() -> None:
     train(model, opt, range(3), rank, world, stats)
     snapshot = copy.deepcopy((model.state_dict(), opt.state_dict()))  # per-rank shards
     train(model, opt, range(3, args.steps), rank, world, stats)
-    params = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+    params = full_params(model)
     guidance = opt.state_dict()["guidance"]
     dist.all_reduce = all_reduce
 
@@ -87,23 +95,25 @@ def main() -> None:
     model2.load_state_dict(snapshot[0])
     opt2.load_state_dict(snapshot[1])
     train(model2, opt2, range(3, args.steps), rank, world)
-    resumed = {n: p.full_tensor().detach().clone() for n, p in model2.named_parameters()}
+    resumed = full_params(model2)
 
-    # A frozen reference (e.g. from Reference.load) on sharded parameters: a clear error.
-    ref = Reference({n: torch.ones(p.shape) for n, p in model2.named_parameters()}, model=model2)
-    opt2.set_reference(ref)
-    x, y = micro_batch(0, rank, world)
-    torch.nn.functional.cross_entropy(model2(x), y).backward()
-    try:
-        opt2.step()
-        frozen_error = None
-    except NotImplementedError as e:
-        frozen_error = str(e)
+    # A source reference captured on the sharded model (each rank keeps its shard),
+    # saved as one file (gathered), loaded into a fresh sharded model (re-sharded).
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    capture_model, _ = build(mesh, plugin)
+    source = [micro_batch(500 + i, rank, world) for i in range(4)]
+    captured = capture_reference(capture_model, source,
+                                 loss_fn=lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1]))
+    captured_is_sharded = bool(captured.specs) and all(
+        captured[n].numel() < p.numel() for n, p in capture_model.named_parameters())
+    captured.save(out / "reference.safetensors")
+    model3, opt3 = build(mesh, plugin, reference=str(out / "reference.safetensors"))
+    train(model3, opt3, range(args.steps), rank, world)
     torch.save({"world": world, "params": params, "stats": stats, "all_reduce_bytes": calls,
                 "config": plugin.guidance_kwargs(), "guidance": guidance, "resumed": resumed,
-                "frozen_error": frozen_error,
+                "source_params": full_params(model3), "source_mode": opt3.reference_mode,
+                "captured_is_sharded": captured_is_sharded,
                 "local_numel": sum(p.to_local().numel() for p in model.parameters())},
                out / f"rank{rank}.pt")
     dist.barrier()
