@@ -8,6 +8,7 @@ forwarded, never copied, so LR schedulers and ``accelerate.prepare()`` keep work
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections import OrderedDict
 from typing import Any, Callable, Optional, Sequence, Union
@@ -54,6 +55,11 @@ class GuidedOptimizer(Optimizer):
             raise TypeError(f"base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer).__name__}")
         if isinstance(base_optimizer, GuidedOptimizer):
             raise TypeError("base_optimizer is already a GuidedOptimizer")
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+            # ZeRO hands the optimizer flat per-rank partitions instead of param.grad:
+            # the statistics would be one rank's, so refuse rather than guide wrongly.
+            raise NotImplementedError("GuidedOptimizer does not support DeepSpeed (this process was launched with "
+                                      "ACCELERATE_USE_DEEPSPEED=true); use DDP or FSDP2, see docs/distributed.md")
         unknown = sorted(set(guidance) - GuidanceConfig.keywords())
         if unknown:
             raise TypeError(f"unknown guidance keyword(s) {unknown}; valid: {sorted(GuidanceConfig.keywords())}")

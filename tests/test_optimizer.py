@@ -289,3 +289,9 @@ def test_state_dict_with_another_reference_kind_is_rejected():
         with pytest.raises(ValueError, match=match):
             target.load_state_dict(saved)
         assert same_snapshot(([], before), ([], target.state_dict()))
+
+
+def test_deepspeed_launch_is_refused(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(NotImplementedError, match="ACCELERATE_USE_DEEPSPEED"):
+        GuidedOptimizer(torch.optim.SGD(tiny_mlp().parameters(), lr=0.1))
