@@ -65,10 +65,15 @@ def tensor_stats(
     device = grads[0].device
     dtype = stats_dtype(device)
     one_device = all(g.device == device for g in grads)
-    # Norms accumulate in fp32 whatever the gradient dtype, with no upcast copy.
-    norms = torch._foreach_norm(list(grads), 2, dtype=torch.float32) if one_device \
-        else [torch.linalg.vector_norm(g, dtype=torch.float32).to(device) for g in grads]
+    # |g|^2 right after <g, r>, tensor by tensor, finds g still in cache (measured: about
+    # half the cost of a separate norm pass); without references, or for low-precision
+    # gradients (whose dot would accumulate in their own dtype), one foreach norm pass.
+    interleave = k > 0 and one_device and all(g.dtype == torch.float32 for g in grads)
+    if not interleave:
+        norms = torch._foreach_norm(list(grads), 2, dtype=torch.float32) if one_device \
+            else [torch.linalg.vector_norm(g, dtype=torch.float32).to(device) for g in grads]
     zero = torch.zeros((), device=device)
+    sq_grads: list[Tensor] = []
     dots: list[Tensor] = []
     sqs: list[Tensor] = []
     for g, rs in zip(grads, refs):
@@ -77,8 +82,11 @@ def tensor_stats(
             dots.append(zero if r is None else r.dot(g) if one_device else r.dot(g).to(device))
             if ref_sqnorms is None:
                 sqs.append(zero if r is None else r.sqnorm() if one_device else r.sqnorm().to(device))
+        if interleave:
+            flat = g.reshape(-1)
+            sq_grads.append(torch.dot(flat, flat))
     # Stack once and convert once: per-tensor conversions cost more than the math here.
-    columns = [torch.stack(norms).to(dtype).square().unsqueeze(1)]
+    columns = [(torch.stack(sq_grads).to(dtype) if interleave else torch.stack(norms).to(dtype).square()).unsqueeze(1)]
     if k:
         columns.append(torch.stack(dots).view(len(grads), k).to(dtype))
         if ref_sqnorms is None:
