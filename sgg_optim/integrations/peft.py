@@ -1,0 +1,60 @@
+"""PEFT integration: guide the adapter parameters of a (possibly 4-bit) model.
+
+Guidance runs over whatever the optimizer holds; for QLoRA that must be the adapters
+only, so the frozen (4-bit packed) base weights are never in a param group and their
+bytes never change. These helpers pick the adapters and check the rest is frozen.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+
+def adapter_named_parameters(model: nn.Module) -> list[tuple[str, Tensor]]:
+    """``(name, parameter)`` of every trainable parameter: the adapters of a PEFT model.
+
+    Pass the list to an optimizer (named, so guidance messages name parameters).
+
+    Example:
+        >>> import torch
+        >>> from peft import LoraConfig, get_peft_model
+        >>> base = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        >>> model = get_peft_model(base, LoraConfig(r=2, target_modules=["0"]))
+        >>> [n.split(".")[-2] for n, _ in adapter_named_parameters(model)]
+        ['default', 'default']
+    """
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def check_only_adapters_train(model: nn.Module, adapter_marker: str = "lora_") -> None:
+    """Raise ``ValueError`` naming the first trainable parameter that is not an adapter.
+
+    Example:
+        >>> import torch
+        >>> check_only_adapters_train(torch.nn.Linear(2, 2))
+        Traceback (most recent call last):
+        ...
+        ValueError: parameter 'weight' trains but is not an adapter (no 'lora_' in its name); freeze it ...
+    """
+    for name, p in model.named_parameters():
+        if p.requires_grad and adapter_marker not in name:
+            raise ValueError(f"parameter {name!r} trains but is not an adapter (no {adapter_marker!r} in its "
+                             "name); freeze it (peft.get_peft_model does) before building the optimizer")
+
+
+def base_weight_bytes(model: nn.Module) -> dict[str, Any]:
+    """A copy of every frozen parameter and buffer (4-bit packed weights included), to
+    check later that training left them byte-identical.
+
+    Example:
+        >>> import torch
+        >>> layer = torch.nn.Linear(2, 2).requires_grad_(False)
+        >>> before = base_weight_bytes(layer)
+        >>> all(torch.equal(t, dict(layer.named_parameters())[n]) for n, t in before.items())
+        True
+    """
+    out: dict[str, Any] = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    out.update({f"buffer:{n}": b.detach().clone() for n, b in model.named_buffers()})
+    return out

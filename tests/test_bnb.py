@@ -1,0 +1,350 @@
+"""bitsandbytes integration: 8-bit and paged AdamW under guidance, int8 references.
+
+bitsandbytes >= 0.50 runs its 8-bit optimizers and blockwise quantisation on CPU, so
+everything here runs in CI without a GPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+
+bnb = pytest.importorskip("bitsandbytes")
+bnb_functional = pytest.importorskip("bitsandbytes.functional")
+
+from sgg_optim import GuidedAdamW8bit, GuidedOptimizer, GuidedPagedAdamW8bit
+from sgg_optim.functional import block_stats
+from sgg_optim.storage import (
+    _CHUNK,
+    INT8_BLOCKSIZE,
+    DenseStore,
+    Int8Store,
+    make_store,
+    zeros_store,
+)
+
+# |cos(g, r_int8) - cos(g, r_fp32)| bound, documented in docs/quantized.md. Measured
+# maximum over 400 random and 160 real-gradient cases: 4.8e-4 (benchmarks/memory.py
+# --section cosine; 6.7e-4 in a sweep of heavy-tailed cases only): about 3x margin.
+INT8_COS_BOUND = 2e-3
+BF16_COS_BOUND = 1e-3
+
+# Two 8192-element weights (8-bit state: >= min_8bit_size) and two small biases (32-bit).
+IN, HIDDEN = 64, 128
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """bnb's CPU kernels use OpenMP; on a loaded 2-core machine its threads spin and a
+    4k-element quantisation takes 20 ms instead of 0.1 ms. One thread keeps tests fast."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def quiet_paged():
+    with warnings.catch_warnings():
+        # "Paged optimizers are not supported on CPU. Falling back to non-paged..."
+        warnings.filterwarnings("ignore", message="Paged optimizers are not supported")
+        yield
+
+
+def mlp(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(IN, HIDDEN), torch.nn.Tanh(), torch.nn.Linear(HIDDEN, IN))
+
+
+def regression_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(7000 + step)
+    x = torch.randn(32, IN, generator=g)
+    teacher = torch.Generator().manual_seed(1)
+    w = torch.randn(IN, IN, generator=teacher) / math.sqrt(IN)
+    return x, torch.tanh(x @ w)
+
+
+def loss_at(model: torch.nn.Module, step: int) -> torch.Tensor:
+    x, y = regression_batch(step)
+    return torch.nn.functional.mse_loss(model(x), y)
+
+
+def run(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int) -> list[float]:
+    losses = []
+    for s in range(steps):
+        opt.zero_grad()
+        loss = loss_at(model, s)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def state_tensors(opt: torch.optim.Optimizer, model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    out = []
+    for i, p in enumerate(model.parameters()):
+        for key, value in sorted(opt.state[p].items()):
+            if torch.is_tensor(value):
+                out.append((f"{i}.{key}", value))
+    return out
+
+
+def assert_bit_identical(m1, o1, m2, o2) -> None:
+    for (n1, p1), (_, p2) in zip(m1.named_parameters(), m2.named_parameters()):
+        assert torch.equal(p1, p2), f"parameter {n1} differs"
+    s1, s2 = state_tensors(o1, m1), state_tensors(o2, m2)
+    assert [k for k, _ in s1] == [k for k, _ in s2]
+    for (k, a), (_, b) in zip(s1, s2):
+        assert a.dtype == b.dtype and torch.equal(a, b), f"optimizer state {k} differs"
+
+
+# -- pass-through: bit for bit ------------------------------------------------------------
+@pytest.mark.parametrize("nonfinite", ["skip", "propagate"])
+def test_guided_adamw8bit_pass_through_is_bnb_bit_for_bit(nonfinite):
+    plain, guided = mlp(), mlp()
+    base = bnb.optim.AdamW8bit(plain.parameters(), lr=1e-2, weight_decay=0.05)
+    opt = GuidedAdamW8bit(guided.parameters(), lr=1e-2, weight_decay=0.05,
+                          direction="off", magnitude="off", nonfinite=nonfinite)
+    assert type(opt.base_optimizer) is bnb.optim.AdamW8bit
+    run(plain, base, 30)
+    run(guided, opt, 30)
+    # The test is about 8-bit state: the weights must really have it.
+    weight = plain[0].weight
+    assert weight.numel() >= base.args.min_8bit_size
+    assert base.state[weight]["state1"].dtype == torch.uint8
+    assert base.state[plain[0].bias]["state1"].dtype == torch.float32  # below min_8bit_size
+    assert_bit_identical(plain, base, guided, opt)
+
+
+def test_wrapping_paged_adamw8bit_pass_through_is_bit_for_bit(quiet_paged):
+    plain, guided = mlp(), mlp()
+    base = bnb.optim.PagedAdamW8bit(plain.parameters(), lr=1e-2)
+    opt = GuidedOptimizer(bnb.optim.PagedAdamW8bit(guided.parameters(), lr=1e-2), direction="off", magnitude="off")
+    assert opt.base_optimizer.is_paged
+    run(plain, base, 30)
+    run(guided, opt, 30)
+    assert base.state[plain[2].weight]["state2"].dtype == torch.uint8
+    assert_bit_identical(plain, base, guided, opt)
+
+
+def test_guided_paged_constructor_builds_paged_base(quiet_paged):
+    opt = GuidedPagedAdamW8bit(mlp().parameters(), 1e-3, (0.8, 0.99), 1e-6, 0.1)
+    base = opt.base_optimizer
+    assert type(base) is bnb.optim.PagedAdamW8bit and base.is_paged
+    assert base.defaults["betas"] == (0.8, 0.99) and base.defaults["weight_decay"] == 0.1
+    assert base.args.optim_bits == 8
+
+
+def test_base_kwargs_reach_bnb():
+    opt = GuidedAdamW8bit(mlp().parameters(), lr=1e-3, min_8bit_size=100_000, max_angle=30)
+    assert opt.base_optimizer.args.min_8bit_size == 100_000
+    assert opt.config.max_angle == 30
+
+
+# -- param groups and GlobalOptimManager ----------------------------------------------------
+def test_param_groups_keep_their_identity(quiet_paged):
+    model = mlp()
+    groups = [{"params": [model[0].weight, model[2].weight]},
+              {"params": [model[0].bias, model[2].bias], "weight_decay": 0.0}]
+    base = bnb.optim.PagedAdamW8bit(groups, lr=1e-2)
+    group_list, group_dicts = base.param_groups, list(base.param_groups)
+    param_lists = [g["params"] for g in base.param_groups]
+    ids = [[id(p) for p in g["params"]] for g in base.param_groups]
+    opt = GuidedOptimizer(base, direction="cone", warmup_steps=2)
+    run(model, opt, 5)
+    assert opt.param_groups is group_list and base.param_groups is group_list
+    assert all(a is b for a, b in zip(group_dicts, base.param_groups)) and len(base.param_groups) == 2
+    assert all(a is b["params"] for a, b in zip(param_lists, base.param_groups))
+    assert [[id(p) for p in g["params"]] for g in base.param_groups] == ids
+    # load_state_dict lets the base rebuild its groups as it does; the wrapper keeps no copy.
+    opt.load_state_dict(opt.state_dict())
+    assert opt.param_groups is base.param_groups
+
+
+def test_global_optim_manager_overrides_survive_guidance():
+    """GlobalOptimManager keys on (group index, param index) and id(param): guidance
+    must leave both as they are, so a per-parameter override still applies."""
+    mng = bnb.optim.GlobalOptimManager.get_instance()
+    saved = (dict(mng.pid2config), dict(mng.index2config), mng.uses_config_override)
+    model = mlp()
+    try:
+        mng.register_parameters(model.parameters())
+        opt = GuidedAdamW8bit(model.parameters(), lr=1e-2, warmup_steps=1)
+        mng.override_config(model[0].weight, "optim_bits", 32)
+        run(model, opt, 3)
+        assert opt.state[model[0].weight]["state1"].dtype == torch.float32  # overridden
+        assert opt.state[model[2].weight]["state1"].dtype == torch.uint8  # not overridden
+        assert opt.stats["step"] == 3 and math.isfinite(opt.stats["cos"])
+    finally:
+        mng.pid2config, mng.index2config, mng.uses_config_override = saved
+
+
+# -- guided 8-bit optimizers train -----------------------------------------------------------
+@pytest.mark.parametrize("make", [
+    lambda p: GuidedAdamW8bit(p, lr=3e-3, direction="cone", magnitude="adaptive", max_angle=45, warmup_steps=5),
+    lambda p: GuidedPagedAdamW8bit(p, lr=3e-3, direction="cone", magnitude="adaptive", max_angle=45,
+                                   warmup_steps=5),
+    lambda p: GuidedOptimizer(bnb.optim.PagedAdamW8bit(p, lr=3e-3), direction="project", warmup_steps=5),
+], ids=["adamw8bit", "paged_adamw8bit", "wrapped_paged"])
+def test_guided_bnb_optimizers_train(make, quiet_paged):
+    model = mlp()
+    opt = make(model.parameters())
+    with torch.no_grad():
+        start = sum(loss_at(model, 1000 + i).item() for i in range(4)) / 4
+    losses = run(model, opt, 60)
+    with torch.no_grad():
+        end = sum(loss_at(model, 1000 + i).item() for i in range(4)) / 4
+    assert all(math.isfinite(v) for v in losses)
+    assert end < 0.5 * start, (start, end)
+    stats = opt.stats
+    assert stats["step"] == 60 and stats["skipped"] == 0
+    assert math.isfinite(stats["cos"])  # guidance was active, not bypassed
+    assert opt.state[model[0].weight]["state1"].dtype == torch.uint8
+
+
+@pytest.mark.parametrize("storage", ["bf16", "int8"])
+def test_low_precision_ema_reference_trains_and_stays_finite(storage):
+    model, twin = mlp(), mlp()
+    opt = GuidedAdamW8bit(model.parameters(), lr=3e-3, max_angle=45, warmup_steps=5, reference_dtype=storage)
+    ref32 = GuidedAdamW8bit(twin.parameters(), lr=3e-3, max_angle=45, warmup_steps=5)
+    with torch.no_grad():
+        start = loss_at(model, 999).item()
+    run(model, opt, 60)
+    run(twin, ref32, 60)
+    with torch.no_grad():
+        end, end32 = loss_at(model, 999).item(), loss_at(twin, 999).item()
+    store = opt._ema[model[0].weight]
+    assert isinstance(store, Int8Store if storage == "int8" else DenseStore)
+    if storage == "bf16":
+        assert store.tensor.dtype == torch.bfloat16
+    for p in model.parameters():
+        ema = opt._ema[p].dense()
+        assert torch.isfinite(ema).all() and ema.abs().sum() > 0
+        assert torch.isfinite(p).all()
+    assert end < 0.5 * start
+    assert end < 1.5 * end32  # low-precision storage costs little against fp32
+    # The low-precision EMA tracks the fp32 one of the twin run closely.
+    a = torch.cat([opt._ema[p].dense().flatten() for p in model.parameters()])
+    b = torch.cat([ref32._ema[p].dense().flatten() for p in twin.parameters()])
+    assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.9
+
+
+def test_int8_ema_state_dict_round_trip():
+    model = mlp()
+    opt = GuidedAdamW8bit(model.parameters(), lr=3e-3, warmup_steps=2, reference_dtype="int8")
+    run(model, opt, 4)
+    clone = copy.deepcopy(model)
+    opt2 = GuidedAdamW8bit(clone.parameters(), lr=3e-3, warmup_steps=2, reference_dtype="int8")
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for m, o in ((model, opt), (clone, opt2)):
+        for s in range(4, 8):
+            o.zero_grad()
+            loss_at(m, s).backward()
+            o.step()
+    assert_bit_identical(model, opt, clone, opt2)
+    for p, q in zip(model.parameters(), clone.parameters()):
+        assert torch.equal(opt._ema[p].codes, opt2._ema[q].codes)
+
+
+# -- int8 reference storage ---------------------------------------------------------------
+def test_int8_store_is_bnb_blockwise_and_chunk_boundaries_are_exact():
+    """Chunked quantisation gives exactly bnb's one-shot codes, across chunk ends."""
+    x = torch.randn(2 * _CHUNK + 3 * INT8_BLOCKSIZE + 17, generator=torch.Generator().manual_seed(0))
+    x[5] = 40.0  # an outlier: its block's absmax differs from the others
+    store = make_store(x, "int8")
+    codes, state = bnb_functional.quantize_blockwise(x, blocksize=INT8_BLOCKSIZE)
+    assert torch.equal(store.codes, codes)
+    assert torch.equal(store.absmax, state.absmax)
+    dense = bnb_functional.dequantize_blockwise(codes, state)
+    assert torch.equal(store.dense(), dense)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(store.dot(g), torch.dot(g, dense), rtol=1e-5)
+    assert 0 < (dense - x).abs().max() < 0.02 * x.abs().max()  # really quantised
+
+
+def test_int8_zero_reference_matches_quantised_zeros():
+    """The EMA reference starts as zeros: built directly, bit-identical to quantising them."""
+    for shape in [(0,), (5,), (3, 5000), (_CHUNK + 7,)]:
+        direct = zeros_store(torch.empty(shape), "int8")
+        quantised = Int8Store.quantize(torch.zeros(shape))
+        assert torch.equal(direct.codes, quantised.codes) and torch.equal(direct.absmax, quantised.absmax)
+        assert direct.shape == torch.Size(shape) and not direct.dense().any()
+
+
+def test_int8_store_costs_about_one_byte_per_parameter():
+    for numel in (64, 4096, 10_000, 1 << 20):
+        store = make_store(torch.randn(numel), "int8")
+        held = sum(t.numel() * t.element_size() for t in store.state().values())
+        assert store.codes.dtype == torch.uint8 and store.codes.numel() == numel
+        assert store.nbytes() == held == numel + 4 * math.ceil(numel / INT8_BLOCKSIZE)
+        if numel >= 4096:
+            assert held / numel <= 1.002, (numel, held / numel)  # 4 B of absmax per 4096
+
+
+def _cosines(grads, refs, storage):
+    stores = [[make_store(r, storage)] for r in refs]
+    st = block_stats(grads, stores, torch.zeros(len(grads), dtype=torch.long), 1)[0]
+    return (st[1] / (st[0] * st[2]).sqrt()).item()
+
+
+def _random_case(seed: int):
+    """Gradients at a random cosine with a reference of random scale; some heavy-tailed."""
+    g = torch.Generator().manual_seed(seed)
+    rho = torch.rand((), generator=g).item() * 2 - 1
+    grads, refs = [], []
+    for shape in [(64, 128), (128,), (300, 70), (5000,)]:
+        r = torch.randn(shape, generator=g)
+        if seed % 2:
+            r = r * torch.randn(shape, generator=g).exp()  # log-normal spread of magnitudes
+        noise = torch.randn(shape, generator=g)
+        grads.append(rho * r + math.sqrt(1 - rho ** 2) * noise * r.std())
+        refs.append(r * 10 ** (torch.rand((), generator=g).item() * 6 - 3))
+    return grads, refs
+
+
+def test_int8_reference_cosine_within_bound_on_random_gradients():
+    errors, bf16_errors, cosines = [], [], []
+    for seed in range(24):
+        grads, refs = _random_case(seed)
+        c32 = _cosines(grads, refs, "fp32")
+        errors.append(abs(_cosines(grads, refs, "int8") - c32))
+        bf16_errors.append(abs(_cosines(grads, refs, "bf16") - c32))
+        cosines.append(c32)
+    assert max(errors) < INT8_COS_BOUND, max(errors)
+    assert max(bf16_errors) < BF16_COS_BOUND, max(bf16_errors)
+    assert min(cosines) < -0.3 and max(cosines) > 0.3  # both signs covered
+    assert max(errors) > 0  # int8 really differs from fp32
+
+
+def tiny_llama(seed: int):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def test_int8_reference_cosine_within_bound_on_real_gradients():
+    """Gradients of a tiny Llama: the reference is one batch's gradient (or the mean of
+    two), g another's, so the cosine spans near-orthogonal to strongly aligned."""
+    errors, cosines = [], []
+    for seed in range(4):
+        model = tiny_llama(seed)
+        batches = []
+        for _ in range(2):
+            model.zero_grad()
+            ids = torch.randint(0, 256, (4, 32))
+            model(input_ids=ids, labels=ids).loss.backward()
+            batches.append([p.grad.clone() for p in model.parameters()])
+        g1, g2 = batches
+        mean = [(a + b) / 2 for a, b in zip(g1, g2)]
+        for grads, refs in ((g1, g2), (g1, mean), (g2, mean)):
+            c32 = _cosines(grads, refs, "fp32")
+            errors.append(abs(_cosines(grads, refs, "int8") - c32))
+            cosines.append(c32)
+    assert max(errors) < INT8_COS_BOUND, max(errors)
+    assert max(cosines) > 0.5 and min(cosines) < 0.3
