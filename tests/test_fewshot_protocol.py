@@ -1,0 +1,121 @@
+"""k-shot sampling, fixed eval split, and one training cell on a tiny BERT built from a config."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+from sgg_optim.fewshot import protocol
+from sgg_optim.fewshot.protocol import run_cell, sample_kshot
+from sgg_optim.fewshot.strategies import Strategy, get_strategy
+from sgg_optim.fewshot.tasks import Task
+from sgg_optim.fewshot.training import RunConfig
+
+POS, NEG = ["good", "great", "fine", "lovely"], ["bad", "awful", "poor", "dull"]
+FILL = ["the", "film", "was", "a", "plot", "very", "and", "it"]
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + POS + NEG + FILL
+
+
+class WordTokenizer:
+    """Whitespace tokenizer with the call signature the protocol uses."""
+
+    def __call__(self, texts, truncation=True, max_length=16, padding=True, return_tensors="pt"):
+        ids = [[2] + [VOCAB.index(w) if w in VOCAB else 1 for w in t.split()][: max_length - 2] + [3]
+               for t in texts]
+        n = max(map(len, ids))
+        return {"input_ids": torch.tensor([x + [0] * (n - len(x)) for x in ids]),
+                "attention_mask": torch.tensor([[1] * len(x) + [0] * (n - len(x)) for x in ids])}
+
+
+def tiny_factory(num_labels):
+    cfg = BertConfig(vocab_size=len(VOCAB), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=32, num_labels=num_labels)
+    return BertForSequenceClassification(cfg), WordTokenizer()
+
+
+def synthetic_task(name="toy", n=120, seed=0) -> Task:
+    rng = random.Random(seed)
+    texts, labels = [], []
+    for i in range(n):
+        y = i % 2
+        words = rng.sample(FILL, 4) + [rng.choice(POS if y else NEG)]
+        rng.shuffle(words)
+        texts.append(" ".join(words) + f" {i}")  # the index makes every text unique
+        labels.append(y)
+    return Task.from_examples(name, ("neg", "pos"), texts, labels, n_eval=40)
+
+
+def test_eval_split_is_fixed_and_stratified():
+    a, b = synthetic_task(), synthetic_task()
+    assert a.eval_texts == b.eval_texts and a.train_texts == b.train_texts
+    assert len(a.eval_texts) == 40 and a.eval_labels.count(0) == a.eval_labels.count(1) == 20
+    assert not set(a.eval_texts) & set(a.train_texts)
+    assert len(a.eval_texts) + len(a.train_texts) == 120
+
+
+def test_kshot_same_seed_same_shots_and_disjoint():
+    task = synthetic_task()
+    s1 = sample_kshot(task.train_labels, k=4, seed=7)
+    assert s1 == sample_kshot(task.train_labels, k=4, seed=7)
+    assert s1 != sample_kshot(task.train_labels, k=4, seed=8)
+    for split in (s1.train, s1.val):
+        assert sorted(task.train_labels[i] for i in split) == [0] * 4 + [1] * 4
+    assert not set(s1.train) & set(s1.val)
+    shot_texts = {task.train_texts[i] for i in s1.train + s1.val}
+    assert not shot_texts & set(task.eval_texts)
+
+
+def test_kshot_too_few_examples():
+    with pytest.raises(ValueError, match="class 1 has 3 examples"):
+        sample_kshot([0] * 10 + [1] * 3, k=2, seed=0)
+
+
+def test_run_cell_picks_lr_on_validation_and_reports_metrics(monkeypatch):
+    task = synthetic_task()
+    cfg = RunConfig(steps=5, batch_size=4, max_length=12, eval_batch_size=32)
+    seen = []
+    real_predict = protocol.predict
+
+    def spy_predict(model, tok, texts, cfg):
+        seen.append(tuple(texts))
+        return real_predict(model, tok, texts, cfg)
+
+    monkeypatch.setattr(protocol, "predict", spy_predict)
+    cone = Strategy("cone-short-warmup", guidance={"direction": "cone", "warmup_steps": 2})
+    row = run_cell(task, cone, 4, 0, tiny_factory, cfg, lr_grid=(1e-3, 1e-2))
+    # validation predicted once per lr, eval exactly once, after the choice
+    assert len(seen) == 3 and seen[-1] == task.eval_texts
+    assert not set(seen[0]) & set(task.eval_texts)
+    assert set(row["val_acc"]) == {1e-3, 1e-2}
+    assert row["val_acc"][row["lr"]] == max(row["val_acc"].values())
+    assert len(row["trace"]["grad_norm"]) == 5
+    assert 0 <= row["accuracy"] <= 1 and 0 <= row["macro_f1"] <= 1
+    assert math.isnan(row["trace"]["update_cos"][0]) and math.isfinite(row["trace"]["update_cos"][1])
+    # cos(g, ref) is NaN during the EMA warm-up, reported after it
+    assert all(math.isnan(c) for c in row["trace"]["ref_cos"][:2])
+    assert all(math.isfinite(c) for c in row["trace"]["ref_cos"][2:])
+
+
+def test_same_seed_same_run_across_calls():
+    task = synthetic_task()
+    cfg = RunConfig(steps=3, batch_size=4, max_length=12)
+    a = run_cell(task, get_strategy("adamw"), 2, 1, tiny_factory, cfg, lr_grid=(1e-3,))
+    b = run_cell(task, get_strategy("adamw"), 2, 1, tiny_factory, cfg, lr_grid=(1e-3,))
+    assert a["trace"]["grad_norm"] == b["trace"]["grad_norm"]
+    assert all(math.isnan(c) for c in a["trace"]["ref_cos"])  # plain AdamW has no reference
+
+
+def test_clip_caps_the_applied_norm_and_source_reference_is_used():
+    task, source = synthetic_task(), synthetic_task("src", seed=1)
+    cfg = RunConfig(steps=4, batch_size=4, max_length=12)
+    clip = run_cell(task, get_strategy("adamw-clip"), 2, 0, tiny_factory, cfg, lr_grid=(1e-3,))
+    assert max(clip["trace"]["applied_norm"]) <= 1.0 + 1e-6
+    assert clip["trace"]["applied_norm"] == [min(g, 1.0) for g in clip["trace"]["grad_norm"]]
+    src = run_cell(task, get_strategy("cone-source"), 2, 0, tiny_factory, cfg, lr_grid=(1e-3,), source=source)
+    assert all(math.isfinite(c) for c in src["trace"]["ref_cos"])  # a frozen reference from step 0
+    with pytest.raises(ValueError, match="needs a source task"):
+        run_cell(task, get_strategy("cone-source"), 2, 0, tiny_factory, cfg, lr_grid=(1e-3,))

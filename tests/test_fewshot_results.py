@@ -1,0 +1,84 @@
+"""Resumable grid: finished cells are kept in the JSONL file and skipped on rerun."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+from sgg_optim.fewshot import cli, protocol, tasks
+from sgg_optim.fewshot.results import ResultsFile, aggregate, cell_key
+
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "yes", "no", "maybe"]
+
+
+def _tok(texts, truncation=True, max_length=8, padding=True, return_tensors="pt"):
+    ids = [[2] + [VOCAB.index(w) if w in VOCAB else 1 for w in t.split()] + [3] for t in texts]
+    n = max(map(len, ids))
+    return {"input_ids": torch.tensor([x + [0] * (n - len(x)) for x in ids]),
+            "attention_mask": torch.tensor([[1] * len(x) + [0] * (n - len(x)) for x in ids])}
+
+
+def _factory(num_labels):
+    cfg = BertConfig(vocab_size=len(VOCAB), hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=16, max_position_embeddings=16, num_labels=num_labels)
+    return BertForSequenceClassification(cfg), _tok
+
+
+@pytest.fixture
+def toy_task(monkeypatch):
+    texts = [f"{'yes' if i % 2 else 'no'} maybe {i}" for i in range(60)]
+    task = tasks.Task.from_examples("toy", ("no", "yes"), texts, [i % 2 for i in range(60)], n_eval=20)
+    monkeypatch.setitem(tasks.TASKS, "toy", lambda: task)
+    monkeypatch.delitem(tasks._loaded, "toy", raising=False)
+    return task
+
+
+def test_finished_cells_are_skipped_on_rerun(tmp_path, toy_task, monkeypatch):
+    calls = []
+    real = protocol.run_cell
+
+    def counting(*a, **k):
+        calls.append((a[1].name, a[3]))
+        return real(*a, **k)
+
+    monkeypatch.setattr(protocol, "run_cell", counting)
+    path = tmp_path / "grid.jsonl"
+    kw = dict(steps=2, lrs=[1e-3], factory=_factory)
+    rows = cli.run_grid(["toy"], ["adamw"], [2], [0, 1], store=ResultsFile(path), **kw)
+    assert len(calls) == 2 and len(rows) == 2
+    assert len(path.read_text().splitlines()) == 2
+
+    calls.clear()
+    rows = cli.run_grid(["toy"], ["adamw", "adamw-clip"], [2], [0, 1], store=ResultsFile(path), **kw)
+    assert calls == [("adamw-clip", 0), ("adamw-clip", 1)]  # only the new cells ran
+    assert len(rows) == 4 and len(path.read_text().splitlines()) == 4
+
+    calls.clear()
+    cli.run_grid(["toy"], ["adamw", "adamw-clip"], [2], [0, 1], store=ResultsFile(path), **kw)
+    assert calls == []
+
+
+def test_truncated_last_line_reruns_that_cell(tmp_path):
+    path = tmp_path / "r.jsonl"
+    good = {"task": "t", "strategy": "s", "k": 16, "seed": 0, "steps": 30, "model": "m", "accuracy": 0.5,
+            "grad_cv": float("nan")}
+    ResultsFile(path).append(good)
+    with open(path, "a") as f:
+        f.write('{"task": "t", "strategy": "s", "k": 16, "se')  # a crash mid-write
+    store = ResultsFile(path)
+    assert store.done(cell_key("t", "s", 16, 0, 30, "m"))
+    assert not store.done(cell_key("t", "s", 16, 1, 30, "m"))
+    assert json.loads(path.read_text().splitlines()[0])["grad_cv"] is None  # NaN stored as null
+
+
+def test_aggregate_and_table_mean_std():
+    rows = [{"task": "t", "k": 16, "strategy": "adamw", "accuracy": a, "macro_f1": a} for a in (0.6, 0.8)]
+    agg = aggregate(rows)
+    mu, sd, n = agg[("t", 16, "adamw")]["accuracy"]
+    assert mu == pytest.approx(0.7) and sd == pytest.approx(math.sqrt(0.02)) and n == 2
+    table = cli.results_table(rows, ("accuracy", "macro_f1"))
+    assert "| t | 16 | adamw | 2 | 70.0 ± 14.1 | 70.0 ± 14.1 |" in table

@@ -1,0 +1,67 @@
+"""Strategy registry, composition, optimizers built, and LoRA vs full fine-tuning."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+from sgg_optim import GuidedAdamW, Reference
+from sgg_optim.fewshot import strategies
+from sgg_optim.fewshot.strategies import FULL_LRS, LORA_LRS, Strategy, compose, get_strategy
+from sgg_optim.fewshot.training import apply_lora
+
+
+def _bert():
+    cfg = BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=16, max_position_embeddings=16, num_labels=2)
+    return BertForSequenceClassification(cfg)
+
+
+def test_issue_rows_are_registered():
+    for name in ("adamw", "adamw-clip", "project-ema", "project-source", "cone-ema", "cone-source",
+                 "blend-ema", "blend-source", "lora"):
+        assert name in strategies.STRATEGIES
+    assert get_strategy("project-ema").guidance["direction"] == "project"
+    assert get_strategy("blend-source").reference == "source"
+    with pytest.raises(KeyError, match="unknown strategy 'nope'"):
+        get_strategy("lora+nope")
+
+
+def test_optimizers_built():
+    model = _bert()
+    plain = get_strategy("adamw").build_optimizer(model, 1e-3)
+    assert type(plain) is torch.optim.AdamW
+    guided = get_strategy("cone-ema").build_optimizer(model, 1e-3)
+    assert isinstance(guided, GuidedAdamW) and guided.config.direction == "cone"
+    with pytest.raises(ValueError, match="needs a source reference"):
+        get_strategy("cone-source").build_optimizer(model, 1e-3)
+    ref = Reference({n: torch.ones_like(p) for n, p in model.named_parameters()}).bind(model)
+    assert isinstance(get_strategy("cone-source").build_optimizer(model, 1e-3, ref), GuidedAdamW)
+
+
+def test_compose_for_later_methods():
+    calls = []
+    hook = Strategy("tagger", prepare_model=lambda m: calls.append("tag") or m)
+    strategies.register(hook)
+    try:
+        s = get_strategy("tagger+cone-source")
+        assert s.name == "tagger+cone-source" and s.reference == "source"
+        assert s.guidance["direction"] == "cone" and s.lr_grid == FULL_LRS
+        s.prepare_model(_bert())
+        assert calls == ["tag"]
+    finally:
+        del strategies.STRATEGIES["tagger"]
+    lora_cone = get_strategy("lora+cone-ema")
+    assert lora_cone.lora and lora_cone.lr_grid == LORA_LRS and lora_cone.guidance is not None
+    with pytest.raises(ValueError, match="both set guidance"):
+        compose(get_strategy("cone-ema"), get_strategy("project-ema"))
+
+
+def test_lora_trains_adapters_and_head_only():
+    model = apply_lora(_bert())
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n or "classifier" in n for n in trainable)
+    assert any("lora_A" in n for n in trainable)
+    full = sum(p.numel() for p in _bert().parameters())
+    assert sum(p.numel() for n, p in model.named_parameters() if p.requires_grad) < full / 2
