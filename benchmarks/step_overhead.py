@@ -55,9 +55,9 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import sgg_optim  # noqa: E402
-import sgg_optim.optimizer as optimizer_module  # noqa: E402
 from sgg_optim import GuidedOptimizer, Reference  # noqa: E402
 from sgg_optim.functional import apply_guidance_, block_stats, guidance_coefficients  # noqa: E402
+from sgg_optim.sharding import local_shard, shard_group  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
@@ -299,10 +299,8 @@ def breakdown(c: Candidate, grads, g0, rounds: int, alternatives: bool = False, 
     def bookkeeping():  # what _guide does before block_stats (follows the library's current helpers)
         gd = opt._guided()
         ps = [p for _, _, p in gd]
-        if hasattr(optimizer_module, "_shard_group"):
-            optimizer_module._shard_group(ps, opt.reference_mode)
-        local = getattr(optimizer_module, "_local", lambda t: t)
-        [local(p.grad) for p in ps]
+        shard_group([p.grad for p in ps])
+        [local_shard(p.grad) for p in ps]
         ids = tuple(b for _, b, _ in gd)
         opt._device_block_ids(ids, ps[0].device) if hasattr(opt, "_device_block_ids") else torch.tensor(ids)
         if ema:

@@ -82,7 +82,6 @@ class GuidedOptimizer(Optimizer):
         self._align_ema: Optional[Tensor] = None
         self._figures: Union[Tensor, list[float], None] = None
         self._ids_cache: Optional[tuple[Any, Tensor]] = None
-        self._shard_group: Any = None  # FSDP2: the group the statistics are summed over
         self.set_reference(reference)
 
     # -- forwarding: the base optimizer's structures, never copies ------------------
@@ -280,7 +279,7 @@ class GuidedOptimizer(Optimizer):
         """Rewrite the gradients in place; False if the step must be skipped."""
         cfg = self.config
         params = [p for _, _, p in guided]
-        self._shard_group = shard_group([p.grad for p in params])
+        group = shard_group([p.grad for p in params])  # FSDP2: statistics are summed over it
         grads = [local_shard(p.grad) for p in params]  # FSDP2: this rank's shard; stats are partial sums
         device = grads[0].device
         num_blocks = self._num_blocks()
@@ -304,7 +303,7 @@ class GuidedOptimizer(Optimizer):
         else:
             refs, sqnorms = [[self._ema[p]] for p in params], None
 
-        stats = self._reduce_stats(block_stats(grads, refs, block_ids, num_blocks, sqnorms))
+        stats = self._reduce_stats(block_stats(grads, refs, block_ids, num_blocks, sqnorms), group)
         gram = self._device_gram(device, stats.dtype) if (sources and self._num_sources > 1) else None
         coef = guidance_coefficients(stats, cfg, direction_on=direction_on, norm_ema=self._norm_ema,
                                      norm_count=self._norm_count, align_ema=self._align_ema, gram=gram)
@@ -364,7 +363,7 @@ class GuidedOptimizer(Optimizer):
         if self._num_sources > 1:
             self._align_ema = torch.where(seen.unsqueeze(1), coef.alignment, self._align_ema)
 
-    def _reduce_stats(self, stats: Tensor) -> Tensor:
+    def _reduce_stats(self, stats: Tensor, group: Any) -> Tensor:
         """Sum partial statistics over shards; the identity for unsharded gradients.
 
         Under FSDP2 each rank holds a shard of every gradient, so ``block_stats`` gives
@@ -372,8 +371,8 @@ class GuidedOptimizer(Optimizer):
         an entry) makes them whole, and every rank then computes the same coefficients.
         DDP gradients are already averaged, so nothing is reduced there.
         """
-        if self._shard_group is not None:
-            torch.distributed.all_reduce(stats, group=self._shard_group)
+        if group is not None:
+            torch.distributed.all_reduce(stats, group=group)
         return stats
 
     # -- reporting --------------------------------------------------------------------------
