@@ -139,6 +139,11 @@ class GuidedOptimizer(Optimizer):
         scope = self.config.scope
         return 1 if scope == "global" else len(self.param_groups) if scope == "group" else len(self._flat_params())
 
+    def _block_of(self, index: int, group: int) -> int:
+        """The block of flat parameter ``index`` in param group ``group``, by ``scope``."""
+        scope = self.config.scope
+        return 0 if scope == "global" else group if scope == "group" else index
+
     def _describe(self, index: int) -> str:
         names = {**self._ref_names, **param_names(self)}
         gi, p = self._flat_params()[index]
@@ -152,14 +157,14 @@ class GuidedOptimizer(Optimizer):
 
     def _guided(self) -> list[tuple[int, int, Tensor]]:
         """(flat index, block, param) of parameters that have a gradient this step."""
-        scope, out = self.config.scope, []
+        out = []
         for i, (gi, p) in enumerate(self._flat_params()):
             if not p.requires_grad or p.grad is None:
                 continue
             if p.grad.is_sparse or p.grad.layout != torch.strided:
                 raise ValueError(f"parameter {self._describe(i)} has a sparse gradient; "
                                  "guidance needs dense gradients")
-            out.append((i, 0 if scope == "global" else gi if scope == "group" else i, p))
+            out.append((i, self._block_of(i, gi), p))
         return out
 
     def _block_state(self, device: torch.device, num_blocks: int) -> None:
@@ -219,13 +224,12 @@ class GuidedOptimizer(Optimizer):
         Runs once per reference change (it reads a few scalars on the host and, under
         FSDP2, sums the Gram matrix over the shards: fine here, never in ``step()``).
         """
-        k, scope = self._num_sources, self.config.scope
+        k = self._num_sources
         index = {p: (i, gi) for i, (gi, p) in enumerate(self._flat_params())}
         gram = torch.zeros(self._num_blocks(), k, k, dtype=torch.float64)
         block_of, local_gram = {}, {}
         for p, stores in self._sources.items():
-            i, gi = index[p]
-            block_of[p] = 0 if scope == "global" else gi if scope == "group" else i
+            block_of[p] = self._block_of(*index[p])
             dense = [s.dense() if s is not None else None for s in stores]
             g = torch.zeros(k, k, dtype=torch.float64)
             for a, b in ((a, b) for a in range(k) for b in range(a, k)):
