@@ -31,7 +31,8 @@ class WordTokenizer:
                 "attention_mask": torch.tensor([[1] * len(x) + [0] * (n - len(x)) for x in ids])}
 
 
-def tiny_factory(num_labels):
+def tiny_factory(task):
+    num_labels = task.num_labels
     cfg = BertConfig(vocab_size=len(VOCAB), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                      intermediate_size=32, max_position_embeddings=32, num_labels=num_labels)
     return BertForSequenceClassification(cfg), WordTokenizer()
@@ -119,3 +120,60 @@ def test_clip_caps_the_applied_norm_and_source_reference_is_used():
     assert all(math.isfinite(c) for c in src["trace"]["ref_cos"])  # a frozen reference from step 0
     with pytest.raises(ValueError, match="needs a source task"):
         run_cell(task, get_strategy("cone-source"), 2, 0, tiny_factory, cfg, lr_grid=(1e-3,))
+
+
+def three_way_task(name="src3", n=90) -> Task:
+    rng = random.Random(5)
+    texts = [" ".join(rng.sample(FILL, 3) + [POS[i % 4] if i % 3 == 1 else NEG[i % 4] if i % 3 == 2 else "plot"])
+             + f" {i}" for i in range(n)]
+    return Task.from_examples(name, ("none", "pos", "neg"), texts, [i % 3 for i in range(n)], n_eval=15)
+
+
+def test_shared_reference_zeroes_the_fresh_head_only():
+    task, src = synthetic_task(), three_way_task()
+    cfg = RunConfig(steps=2, batch_size=4, max_length=12)
+    torch.manual_seed(0)
+    model, tok = tiny_factory(task)
+    torch.manual_seed(1)
+    pretrained = tiny_factory(task)[0].state_dict()
+    model.load_state_dict({k: v for k, v in pretrained.items() if not k.startswith("classifier")}, strict=False)
+    torch.manual_seed(2)
+    src_model, _ = tiny_factory(src)
+    src_model.load_state_dict({k: v for k, v in pretrained.items() if not k.startswith("classifier")},
+                              strict=False)
+    ref = protocol.shared_reference(model, src_model, tok, src, cfg)
+    assert set(ref.names) == {n for n, _ in model.named_parameters()}
+    assert not ref["classifier.weight"].any() and not ref["classifier.bias"].any()
+    assert ref["bert.encoder.layer.0.output.dense.weight"].abs().sum() > 0
+
+
+def test_multi_source_row_reports_alignment_weights():
+    task = synthetic_task()
+    sources = (synthetic_task("src-a", seed=1), three_way_task())
+    cfg = RunConfig(steps=3, batch_size=4, max_length=12)
+    torch.manual_seed(0)
+    pretrained = tiny_factory(task)[0].state_dict()
+
+    def factory(t):  # the same "pretrained" encoder for every task, a fresh head per build
+        model, tok = tiny_factory(t)
+        model.load_state_dict({k: v for k, v in pretrained.items() if not k.startswith("classifier")},
+                              strict=False)
+        return model, tok
+
+    row = run_cell(task, get_strategy("cone-sources"), 2, 0, factory, cfg, lr_grid=(1e-3,), sources=sources)
+    assert set(row["source_weights"]) == {"src-a", "src3"}
+    assert len(row["trace"]["weights"]) == 3 and all(len(w) == 2 for w in row["trace"]["weights"])
+    assert all(0.0 <= w <= 1.0 for w in row["source_weights"].values())
+    with pytest.raises(ValueError, match="needs source tasks"):
+        run_cell(task, get_strategy("cone-sources"), 2, 0, factory, cfg, lr_grid=(1e-3,))
+
+
+def test_pretrained_row_trains_nothing():
+    task = synthetic_task()
+    cfg = RunConfig(steps=3, batch_size=4, max_length=12)
+    row = run_cell(task, get_strategy("pretrained"), 2, 0, tiny_factory, cfg)
+    assert row["trace"]["grad_norm"] == [] and row["val_acc"] == {0.0: row["val_acc"][0.0]}
+    torch.manual_seed(0)
+    model, tok = tiny_factory(task)
+    expected = protocol.predict(model, tok, task.eval_texts, cfg)
+    assert row["accuracy"] == sum(p == y for p, y in zip(expected, task.eval_labels)) / len(expected)

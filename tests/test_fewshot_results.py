@@ -22,7 +22,8 @@ def _tok(texts, truncation=True, max_length=8, padding=True, return_tensors="pt"
             "attention_mask": torch.tensor([[1] * len(x) + [0] * (n - len(x)) for x in ids])}
 
 
-def _factory(num_labels):
+def _factory(task):
+    num_labels = task.num_labels
     cfg = BertConfig(vocab_size=len(VOCAB), hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
                      intermediate_size=16, max_position_embeddings=16, num_labels=num_labels)
     return BertForSequenceClassification(cfg), _tok

@@ -20,8 +20,13 @@ def _bert():
 
 def test_issue_rows_are_registered():
     for name in ("adamw", "adamw-clip", "project-ema", "project-source", "cone-ema", "cone-source",
-                 "blend-ema", "blend-source", "lora"):
+                 "blend-ema", "blend-source", "lora", "cone-sources", "cone-icl", "ltuning-prompt",
+                 "ltuning-prefix", "promot", "icl-format", "sgg-exact", "pretrained"):
         assert name in strategies.STRATEGIES
+    assert get_strategy("promot+cone").guidance["direction"] == "cone"
+    assert get_strategy("promot+cone").prepare is strategies.STRATEGIES["promot"].prepare
+    assert get_strategy("sgg-exact+cone-source").objective is not None
+    assert get_strategy("ltuning-prompt").lr_grid == strategies.LABEL_LRS
     assert get_strategy("project-ema").guidance["direction"] == "project"
     assert get_strategy("blend-source").reference == "source"
     with pytest.raises(KeyError, match="unknown strategy 'nope'"):
@@ -42,16 +47,29 @@ def test_optimizers_built():
 
 def test_compose_for_later_methods():
     calls = []
-    hook = Strategy("tagger", prepare_model=lambda m: calls.append("tag") or m)
-    strategies.register(hook)
+
+    def hook(tag, out):
+        return lambda m, ctx: (calls.append((tag, ctx.tokenizer)) or m, out)
+
+    strategies.register(Strategy("tagger", prepare=hook("tag", "tok2")))
+    strategies.register(Strategy("second", prepare=hook("second", "tok3")))
     try:
         s = get_strategy("tagger+cone-source")
         assert s.name == "tagger+cone-source" and s.reference == "source"
         assert s.guidance["direction"] == "cone" and s.lr_grid == FULL_LRS
-        s.prepare_model(_bert())
-        assert calls == ["tag"]
+        ctx = strategies.PrepareContext("tok1", None, (), (), None, 0, 1e-3)
+        model = _bert()
+        assert s.prepare(model, ctx) == (model, "tok2")
+        # chained hooks: each sees the tokenizer the one before returned
+        both = get_strategy("tagger+second+cone")
+        assert both.prepare(model, ctx) == (model, "tok3")
+        assert calls == [("tag", "tok1"), ("tag", "tok1"), ("second", "tok2")]
     finally:
-        del strategies.STRATEGIES["tagger"]
+        del strategies.STRATEGIES["tagger"], strategies.STRATEGIES["second"]
+    with pytest.raises(ValueError, match="both set objective"):
+        compose(Strategy("a", objective=lambda m, r: None), Strategy("b", objective=lambda m, r: None))
+    with pytest.raises(ValueError, match="reference must be one of"):
+        Strategy("bad", reference="sauce")
     lora_cone = get_strategy("lora+cone-ema")
     assert lora_cone.lora and lora_cone.lr_grid == LORA_LRS and lora_cone.guidance is not None
     with pytest.raises(ValueError, match="both set guidance"):

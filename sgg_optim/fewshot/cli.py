@@ -21,6 +21,9 @@ from . import assets
 from .results import METRIC_COLUMNS, ResultsFile, aggregate, cell_key
 
 MODEL_NAME = "minilm"
+MODELS = ("minilm", "smollm2")
+SOURCES = "vader-movie,rt-subjectivity,bbc-topic"
+RETENTION = "bbc-topic,bb-intent,rt-subjectivity,bb-vitaminc"
 DEMO_TASK = "vader-amazon"
 DEMO_STRATEGIES = ("adamw", "cone-source")
 DEMO_LR = 5e-5
@@ -75,42 +78,64 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="step", leave=False, dynamic_ncols=True, file=sys.stdout)
 
 
+def model_factory(name: str) -> Any:
+    """The model factory called ``name`` (one of ``MODELS``), its files fetched if needed."""
+    if name == "minilm":
+        from .training import minilm_factory
+
+        return minilm_factory(assets.fetch(assets.MINILM, quiet=False))
+    if name == "smollm2":
+        from .models import smollm2_factory
+
+        return smollm2_factory()
+    raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
+
+
 def run_grid(tasks: Sequence[str], strategies: Sequence[str], shots: Sequence[int], seeds: Sequence[int],
              steps: int, store: ResultsFile, lrs: Sequence[float] | None = None,
-             explain: bool = False, factory: Any = None) -> list[dict[str, Any]]:
-    """Run every missing cell of the grid into ``store``; the rows of this grid."""
+             explain: bool = False, factory: Any = None, model: str = MODEL_NAME,
+             sources: Sequence[str] = (), retention: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Run every missing cell of the grid into ``store``; the rows of this grid.
+
+    ``sources`` are the tasks of ``*-sources`` rows; ``retention`` the tasks on which each
+    tuned causal LM's in-context accuracy is measured (empty: not measured).
+    """
     import torch
 
     from .protocol import SOURCE_TASK, run_cell
     from .strategies import get_strategy
     from .tasks import load_task
-    from .training import RunConfig, minilm_factory
+    from .training import RunConfig
 
     cfg = RunConfig(steps=steps)
     todo = [(t, s, k, seed) for t in tasks for k in shots for seed in seeds for s in strategies]
-    missing = [c for c in todo if not store.done(cell_key(c[0], c[1], c[2], c[3], steps, MODEL_NAME))]
+    missing = [c for c in todo if not store.done(cell_key(c[0], c[1], c[2], c[3], steps, model))]
     if len(missing) < len(todo):
         _say(f"{len(todo) - len(missing)} of {len(todo)} cells already in {store.path}: skipped")
     if missing and factory is None:
-        factory = minilm_factory(assets.fetch(assets.MINILM, quiet=False))
+        factory = model_factory(model)
     for i, (tname, sname, k, seed) in enumerate(missing):
         task, strategy = load_task(tname), get_strategy(sname)
         grid = tuple(lrs) if lrs else strategy.lr_grid
-        source = load_task(SOURCE_TASK) if strategy.reference == "source" else None
+        source = load_task(SOURCE_TASK) if strategy.reference in ("source", "icl") else None
+        multi = [load_task(s) for s in sources if s != tname] if strategy.reference == "sources" else []
         if explain:
             _say(f"\n[{i + 1}/{len(missing)}] {sname} on {tname}, K={k}, seed {seed}: "
                  f"{strategy.description}; lr {'in ' if len(grid) > 1 else ''}{', '.join(map(str, grid))}")
         bar = _progress(steps * len(grid), f"{sname} seed {seed}")
         torch.manual_seed(seed)
-        row = run_cell(task, strategy, k, seed, factory, cfg, lr_grid=grid, source=source,
-                       on_step=lambda _: bar.update())
+        row = run_cell(task, strategy, k, seed, factory, cfg, lr_grid=grid, source=source, sources=multi,
+                       retention=[load_task(r) for r in retention], on_step=lambda _: bar.update())
         bar.close()
-        row["model"] = MODEL_NAME
+        row["model"] = model
         store.append(row)
+        extra = "".join(f", {n} weight {w:.2f}" for n, w in row.get("source_weights", {}).items())
+        extra += "".join(f", ICL {n} {100 * a:.1f}" for n, a in row.get("retention", {}).items())
         _say(f"  {sname:>14} seed {seed}: accuracy {100 * row['accuracy']:.1f}, macro-F1 "
-             f"{100 * row['macro_f1']:.1f}, |g| CV {row['grad_cv']:.2f}, lr {row['lr']:g} ({row['seconds']:.0f} s)")
+             f"{100 * row['macro_f1']:.1f}, |g| CV {row['grad_cv']:.2f}, lr {row['lr']:g}{extra} "
+             f"({row['seconds']:.0f} s)")
     by_key = {ResultsFile.key_of(r): r for r in store.rows}
-    keys = [cell_key(t, s, k, seed, steps, MODEL_NAME) for t, k, s, seed in
+    keys = [cell_key(t, s, k, seed, steps, model) for t, k, s, seed in
             ((t, k, s, seed) for t in tasks for k in shots for s in strategies for seed in seeds)]
     return [by_key[key] for key in keys if key in by_key]  # grouped as asked: task, K, strategy
 
@@ -172,7 +197,9 @@ def bench(args: argparse.Namespace) -> int:
     store = ResultsFile(Path(args.results))
     rows = run_grid(args.tasks.split(","), args.strategies.split(","), [int(k) for k in args.shots.split(",")],
                     list(range(args.seeds)), args.steps, store,
-                    lrs=[float(x) for x in args.lrs.split(",")] if args.lrs else None, explain=True)
+                    lrs=[float(x) for x in args.lrs.split(",")] if args.lrs else None, explain=True,
+                    model=args.model, sources=[s for s in args.sources.split(",") if s],
+                    retention=[r for r in args.retention.split(",") if r])
     _say("\n" + results_table(rows))
     if args.plot:
         from .plots import comparison_plot
@@ -217,6 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seeds", type=int, default=5)
     b.add_argument("--steps", type=int, default=30)
     b.add_argument("--lrs", default="", help="override every strategy's lr grid (comma-separated)")
+    b.add_argument("--model", default=MODEL_NAME, choices=MODELS,
+                   help="minilm: encoder + fresh head; smollm2: causal LM scored by label words")
+    b.add_argument("--sources", default=SOURCES, help="source tasks of the *-sources rows (the target is left out)")
+    b.add_argument("--retention", default="", help=f"smollm2: in-context accuracy after tuning on these tasks "
+                   f"(e.g. {RETENTION})")
     b.add_argument("--results", default="benchmarks/results/fewshot_bench.jsonl")
     b.add_argument("--plot", default="", help="also write a PNG of the grid's rows")
     b.add_argument("--threads", type=int, default=0)

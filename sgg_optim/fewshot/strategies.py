@@ -2,10 +2,13 @@
 
 A :class:`Strategy` says how to train, not what to train on: the optimizer (plain AdamW
 or :class:`~sgg_optim.GuidedAdamW` with guidance keywords), gradient clipping, LoRA or
-full fine-tuning, which reference guidance uses (EMA or a source task), the learning-rate
-grid chosen from on the validation split, and an optional ``prepare_model`` hook for
-methods that change the model (a later issue's L-Tuning or ProMoT). Names joined with
-``+`` compose: ``get_strategy("lora+cone-source")`` is LoRA with source-guided cone.
+full fine-tuning, which reference guidance uses (EMA, a source task, several source tasks,
+or the pretrained model's in-context behaviour), the learning-rate grid chosen from on the
+validation split, and two hooks for the methods of :mod:`sgg_optim.methods`: ``prepare``
+changes the model before training (L-Tuning, ProMoT's first stage, in-context-format
+inputs) and ``objective`` replaces the loss (SGG's exact objective). Names joined with
+``+`` compose: ``get_strategy("lora+cone-source")`` is LoRA with source-guided cone,
+``get_strategy("promot+cone")`` is ProMoT whose second stage is guided.
 
     >>> get_strategy("lora+cone-ema").guidance["direction"], get_strategy("lora+cone-ema").lora
     ('cone', True)
@@ -17,40 +20,75 @@ methods that change the model (a later issue's L-Tuning or ProMoT). Names joined
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..adamw import GuidedAdamW
+from ..reference import Reference
 
 FULL_LRS = (2e-5, 5e-5, 1e-4)
 LORA_LRS = (5e-4, 1e-3, 3e-3)
+LABEL_LRS = (1e-3, 3e-3, 1e-2)  # L-Tuning trains only label embeddings and a prompt / prefix
+REFERENCES = ("ema", "source", "sources", "icl")
+
+
+@dataclass(frozen=True)
+class PrepareContext:
+    """What a ``prepare`` hook may use: the run's tokenizer, task, K-shot training set and budget."""
+
+    tokenizer: Any
+    task: Any  # tasks.Task
+    train_texts: tuple[str, ...]
+    train_labels: tuple[int, ...]
+    cfg: Any  # training.RunConfig
+    seed: int
+    lr: float
+
+
+Prepare = Callable[[nn.Module, PrepareContext], tuple[nn.Module, Any]]
+LossFn = Callable[[nn.Module, dict], Tensor]
+Objective = Callable[[nn.Module, Optional[Reference]], LossFn]
 
 
 @dataclass(frozen=True)
 class Strategy:
-    """One row of the comparison. ``guidance=None`` means plain ``torch.optim.AdamW``."""
+    """One row of the comparison. ``guidance=None`` means plain ``torch.optim.AdamW``.
+
+    ``reference``: ``"ema"`` (the optimizer's own), ``"source"`` (captured on the source
+    task before training), ``"sources"`` (one per source task: multi-source alignment) or
+    ``"icl"`` (the label-word loss of the pretrained causal LM on in-context prompts of the
+    source task). ``train=False`` evaluates the prepared model without training.
+    """
 
     name: str
     lr_grid: tuple[float, ...] = FULL_LRS
     guidance: Optional[dict[str, Any]] = None
     clip_norm: Optional[float] = None
     lora: bool = False
-    reference: str = "ema"  # "ema" or "source" (captured on SOURCE_TASK before training)
-    prepare_model: Optional[Callable[[nn.Module], nn.Module]] = field(default=None, compare=False)
+    reference: str = "ema"
+    prepare: Optional[Prepare] = field(default=None, compare=False)
+    objective: Optional[Objective] = field(default=None, compare=False)
+    train: bool = True
     description: str = ""
 
-    def build_optimizer(self, model: nn.Module, lr: float, reference: Any = None) -> torch.optim.Optimizer:
+    def __post_init__(self) -> None:
+        if self.reference not in REFERENCES:
+            raise ValueError(f"strategy {self.name}: reference must be one of {REFERENCES}, got {self.reference!r}")
+
+    def build_optimizer(self, model: nn.Module, lr: float,
+                        reference: Optional[Reference | Sequence[Reference]] = None) -> torch.optim.Optimizer:
         """The optimizer over ``model``'s trainable parameters (named, so references bind)."""
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if self.guidance is None:
             return torch.optim.AdamW([p for _, p in params], lr=lr, weight_decay=0.01)
         kwargs = dict(self.guidance)
-        if self.reference == "source":
+        if self.reference != "ema":
             if reference is None:
-                raise ValueError(f"strategy {self.name} needs a source reference")
+                raise ValueError(f"strategy {self.name} needs a {self.reference} reference")
             kwargs["reference"] = reference
         return GuidedAdamW(params, lr=lr, weight_decay=0.01, **kwargs)
 
@@ -71,20 +109,24 @@ def compose(a: Strategy, b: Strategy) -> Strategy:
             raise ValueError(f"cannot compose {a.name} and {b.name}: both set {name}")
         return vb if vb != default else va
 
-    hooks = [h for h in (a.prepare_model, b.prepare_model) if h is not None]
+    hooks = [h for h in (a.prepare, b.prepare) if h is not None]
 
-    def prepare(model: nn.Module) -> nn.Module:
+    def prepare(model: nn.Module, ctx: PrepareContext) -> tuple[nn.Module, Any]:
         for h in hooks:
-            model = h(model)
-        return model
+            model, tok = h(model, ctx)
+            ctx = replace(ctx, tokenizer=tok)
+        return model, ctx.tokenizer
 
+    if a.objective is not None and b.objective is not None:
+        raise ValueError(f"cannot compose {a.name} and {b.name}: both set objective")
     lora = a.lora or b.lora
     # a LoRA component brings its learning rates unless the other part names its own
     lr_grid = LORA_LRS if lora and FULL_LRS in (a.lr_grid, b.lr_grid) else pick("lr_grid", FULL_LRS)
     return Strategy(
         name=f"{a.name}+{b.name}", lr_grid=lr_grid, guidance=pick("guidance", None),
         clip_norm=pick("clip_norm", None), lora=lora, reference=pick("reference", "ema"),
-        prepare_model=prepare if hooks else None,
+        prepare=prepare if len(hooks) > 1 else (hooks[0] if hooks else None),
+        objective=a.objective or b.objective, train=a.train and b.train,
         description=f"{a.description}; {b.description}".strip("; "),
     )
 
@@ -117,8 +159,47 @@ for _s in (
     Strategy("blend-ema", guidance=_BLEND, description="blend 0.3 toward the EMA reference + adaptive norm"),
     Strategy("blend-source", guidance=_BLEND, reference="source",
              description="blend 0.3 toward the source reference + adaptive norm"),
+    Strategy("cone-sources", guidance=_CONE, reference="sources",
+             description="cone 60 deg + adaptive norm around the alignment-weighted mix of several sources"),
+    Strategy("blend-sources", guidance=_BLEND, reference="sources",
+             description="blend 0.3 toward the alignment-weighted mix of several sources + adaptive norm"),
+    Strategy("cone-icl", guidance=_CONE, reference="icl",
+             description="cone 60 deg around the pretrained LM's in-context gradient on the source task"),
     Strategy("lora", lr_grid=LORA_LRS, lora=True, description="LoRA r=8 on attention, AdamW"),
 ):
     register(_s)
+# short names for composition ("promot+cone"): the EMA-reference rows
+for _short in ("project", "cone", "blend"):
+    register(replace(STRATEGIES[f"{_short}-ema"], name=_short))
 # the optimizer-free names for composition: "lora+cone-ema", "promot+cone-source", ...
 register(Strategy("full", description="full fine-tuning (the default)"))
+register(Strategy("pretrained", train=False, lr_grid=(0.0,),
+                  description="the pretrained model as it is (zero-shot label words; no training)"))
+
+
+def _method_hook(module: str, factory: str, **kwargs: Any) -> Prepare:
+    """A ``prepare`` hook from :mod:`sgg_optim.methods`, imported on first use (peft is heavy)."""
+    def hook(model: nn.Module, ctx: PrepareContext) -> tuple[nn.Module, Any]:
+        return getattr(importlib.import_module(f"sgg_optim.methods.{module}"), factory)(**kwargs)(model, ctx)
+    return hook
+
+
+def _sgg_exact(model: nn.Module, reference: Optional[Reference]) -> LossFn:
+    from ..methods.sgg_exact import sgg_exact_objective
+
+    return sgg_exact_objective()(model, reference)
+
+
+for _s in (
+    Strategy("ltuning-prompt", lr_grid=LABEL_LRS, prepare=_method_hook("ltuning", "prepare_ltuning", regime="prompt"),
+             description="L-Tuning: label-derived soft prompt + label-embedding classifier, model frozen"),
+    Strategy("ltuning-prefix", lr_grid=LABEL_LRS, prepare=_method_hook("ltuning", "prepare_ltuning", regime="prefix"),
+             description="L-Tuning: label-derived prefix + label-embedding classifier, model frozen"),
+    Strategy("promot", prepare=_method_hook("promot", "prepare_promot"),
+             description="ProMoT: soft prompt trained first (model frozen), then the model with the prompt frozen"),
+    Strategy("icl-format", prepare=_method_hook("incontext", "prepare_icl_format"),
+             description="in-context-format fine-tuning: k demonstrations from the shots in every input"),
+    Strategy("sgg-exact", objective=_sgg_exact,
+             description="SGG's exact objective: L + direction and magnitude penalties by double backward"),
+):
+    register(_s)

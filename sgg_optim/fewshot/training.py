@@ -22,7 +22,7 @@ from ..optimizer import GuidedOptimizer
 from ..reference import Reference, capture_reference
 from .strategies import Strategy
 
-ModelFactory = Callable[[int], tuple[nn.Module, Any]]  # num_labels -> (model, tokenizer)
+ModelFactory = Callable[[Any], tuple[nn.Module, Any]]  # task -> (model, tokenizer)
 
 
 def minilm_factory(model_dir: Path) -> ModelFactory:
@@ -31,22 +31,33 @@ def minilm_factory(model_dir: Path) -> ModelFactory:
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
 
-    def build(num_labels: int) -> tuple[nn.Module, Any]:
-        model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=num_labels)
+    def build(task: Any) -> tuple[nn.Module, Any]:
+        model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=task.num_labels)
         return model, tok
 
     return build
 
 
 def apply_lora(model: nn.Module, r: int = 8) -> nn.Module:
-    """Wrap ``model`` with LoRA adapters on the attention projections (head stays trainable)."""
+    """LoRA adapters on the attention projections (r=8, alpha 16).
+
+    A classifier (``classifier`` head) keeps its fresh head trainable; a causal LM scored
+    by label words (a module with ``.lm``, see :mod:`sgg_optim.methods.incontext`) gets
+    the adapters on ``.lm`` and has no head to train.
+    """
     from peft import LoraConfig, get_peft_model
 
+    lm = getattr(model, "lm", None)
+    target = lm if isinstance(lm, nn.Module) else model
     targets = [n for n in ("query", "value", "q_proj", "v_proj")
-               if any(name.endswith(n) for name, _ in model.named_modules())]
-    cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=targets,
-                     modules_to_save=["classifier"], task_type="SEQ_CLS")
-    return get_peft_model(model, cfg)
+               if any(name.endswith(n) for name, _ in target.named_modules())]
+    if target is model:
+        cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=targets,
+                         modules_to_save=["classifier"], task_type="SEQ_CLS")
+        return get_peft_model(model, cfg)
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM")
+    model.lm = get_peft_model(lm, cfg)
+    return model
 
 
 @dataclass
@@ -101,17 +112,24 @@ def _flat_trainable(params: list[nn.Parameter]) -> torch.Tensor:
 
 
 def train(model: nn.Module, strategy: Strategy, lr: float, data: Any, cfg: RunConfig,
-          reference: Optional[Reference] = None,
-          on_step: Optional[Callable[[int], None]] = None) -> dict[str, list[float]]:
-    """Train ``model`` in place on ``data`` (an iterable of batches); the per-step trace."""
+          reference: Optional[Reference | Sequence[Reference]] = None,
+          on_step: Optional[Callable[[int], None]] = None) -> dict[str, list]:
+    """Train ``model`` in place on ``data`` (an iterable of batches); the per-step trace.
+
+    The loss is ``model(**batch).loss``, or the strategy's ``objective`` (which sees the
+    reference too). With several source references the trace also holds each step's
+    alignment weights (``weights``).
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     opt = strategy.build_optimizer(model, lr, reference)
-    trace: dict[str, list[float]] = {k: [] for k in ("loss", "grad_norm", "applied_norm", "update_cos", "ref_cos")}
+    single = reference if isinstance(reference, Reference) else None
+    loss_fn = strategy.objective(model, single) if strategy.objective is not None else None
+    trace: dict[str, list] = {k: [] for k in ("loss", "grad_norm", "applied_norm", "update_cos", "ref_cos")}
     model.train()
     prev = _flat_trainable(params)
     prev_delta: Optional[torch.Tensor] = None
     for step, batch in enumerate(data):
-        loss = model(**batch).loss
+        loss = loss_fn(model, batch) if loss_fn is not None else model(**batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         raw = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
@@ -125,6 +143,8 @@ def train(model: nn.Module, strategy: Strategy, lr: float, data: Any, cfg: RunCo
             s = opt.stats
             applied = float(s.get("guided_norm", raw))
             ref_cos = float(s.get("cos", math.nan))
+            if isinstance(s.get("weights"), (list, tuple)):
+                trace.setdefault("weights", []).append([float(w) for w in s["weights"]])
         now = _flat_trainable(params)
         delta = now - prev
         upd_cos = math.nan
