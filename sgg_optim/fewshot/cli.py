@@ -87,7 +87,7 @@ def model_factory(name: str) -> Any:
     if name == "smollm2":
         from .models import smollm2_factory
 
-        return smollm2_factory()
+        return smollm2_factory(assets.materialize("smollm2", quiet=False))
     raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
 
 
@@ -215,7 +215,7 @@ def fetch(args: argparse.Namespace) -> int:
     if unknown:
         raise SystemExit(f"sgg-optim fetch: unknown asset {unknown[0]!r}; known: {', '.join(assets.ASSETS)}")
     for name in args.assets or list(assets.ASSETS):
-        _say(f"{name}: {assets.fetch(assets.ASSETS[name], quiet=False)}")
+        _say(f"{name}: {assets.materialize(name, quiet=False)}")
     return 0
 
 

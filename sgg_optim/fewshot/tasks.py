@@ -5,6 +5,13 @@ pool and an ``eval`` set by a fixed permutation (seed ``SPLIT_SEED``), stratifie
 class so every task's eval set has the task's class balance. The split depends on the
 data only, never on the run's seed: every strategy and every seed sees the same eval.
 
+BIG-bench tasks (``bb-*``) read the task's ``task.json``: label = argmax of
+``target_scores``, label names are the choices as plain words (they double as the
+label words a language model scores), text = the example's ``input`` without the
+task-level instruction. VitaminC is subsampled to ``BIGBENCH_LIMIT`` examples with the
+claim moved first; intent recognition drops the ``Utterance:`` prefix and keeps a
+smaller eval set (``INTENT_N_EVAL``) so that 32 examples per class remain for training.
+
 Example (a task from in-memory data; real ones come from :func:`load_task`):
 
     >>> t = Task.from_examples("toy", ["neg", "pos"], [f"text {i}" for i in range(20)],
@@ -21,7 +28,7 @@ import io
 import json
 import random
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from . import assets
 
@@ -122,6 +129,79 @@ def _bbc() -> Task:
                               description="BBC News articles, 5 topics")
 
 
+def bigbench_examples(data: Mapping[str, Any], label_words: Mapping[str, str] | None = None,
+                      text: Callable[[str], str] = str.strip) -> tuple[tuple[str, ...], list[str], list[int]]:
+    """(label names, texts, labels) of a BIG-bench multiple-choice ``task.json``.
+
+    The label is the argmax of each example's ``target_scores``. ``label_words`` maps
+    each BIG-bench choice to the label name we use, in class-index order; by default
+    the first example's choices in order, lower-cased with ``_`` as spaces, so they read
+    as words a language model can score. ``text`` turns an example's ``input`` into the
+    text we classify; the task-level instruction (``task_prefix``) is never included.
+
+    >>> data = {"examples": [{"input": " a ", "target_scores": {"True": 1, "No_idea": 0}},
+    ...                      {"input": "b", "target_scores": {"True": 0, "No_idea": 1}}]}
+    >>> bigbench_examples(data)
+    (('true', 'no idea'), ['a', 'b'], [0, 1])
+    """
+    examples = data.get("examples") if isinstance(data, Mapping) else None
+    if not examples:
+        raise ValueError("data: a BIG-bench task.json with a non-empty 'examples' list is needed")
+    if label_words is None:
+        first = examples[0].get("target_scores") or {}
+        label_words = {k: k.lower().replace("_", " ") for k in first}
+    choices = list(label_words)
+    if len(choices) < 2:
+        raise ValueError(f"label_words: need at least two choices, got {choices}")
+    texts, labels = [], []
+    for i, ex in enumerate(examples):
+        scores = ex.get("target_scores")
+        if not isinstance(scores, Mapping) or set(scores) != set(choices):
+            raise ValueError(f"data: example {i} has target_scores {scores!r}; expected the choices {choices}")
+        best = max(scores.values())
+        winners = [c for c in choices if scores[c] == best]
+        if len(winners) != 1:
+            raise ValueError(f"data: example {i} has no single best choice in {dict(scores)}")
+        texts.append(text(ex["input"]))
+        labels.append(choices.index(winners[0]))
+    return tuple(label_words[c] for c in choices), texts, labels
+
+
+def _claim_first(text: str) -> str:
+    # VitaminC inputs are "<page>: <evidence>\nClaim: <claim>"; 39% exceed 64 MiniLM
+    # tokens, and right truncation would then drop the claim, the thing being judged.
+    evidence, sep, claim = text.strip().rpartition("\nClaim: ")
+    return f"Claim: {claim}\n{evidence}" if sep else text.strip()
+
+
+def _subsample(n: int, limit: int | None) -> list[int]:
+    """Indices of at most ``limit`` of ``n`` examples: fixed by SPLIT_SEED, in data order."""
+    if limit is None or n <= limit:
+        return list(range(n))
+    return sorted(random.Random(SPLIT_SEED).sample(range(n), limit))
+
+
+BIGBENCH_LIMIT = 6000  # VitaminC has 54,668 examples: plenty for K-shot pools and a 500 eval
+
+
+def _bigbench(task: str, name: str, label_words: Mapping[str, str], text: Callable[[str], str],
+              title: str, limit: int | None = BIGBENCH_LIMIT, n_eval: int = N_EVAL) -> Callable[[], Task]:
+    def load() -> Task:
+        folder = assets.fetch(assets.BIGBENCH, quiet=False)
+        data = json.loads((folder / f"{task}.json").read_text(encoding="utf-8"))
+        names, texts, labels = bigbench_examples(data, label_words, text)
+        keep = _subsample(len(texts), limit)
+        return Task.from_examples(name, names, [texts[i] for i in keep], [labels[i] for i in keep], n_eval=n_eval,
+                                  description=f"{title} (BIG-bench {task}, {len(keep)} of {len(texts)} examples)")
+    return load
+
+
+# 693 examples: a 500 eval would leave the rarest intent (rate_book, 80) 22 training
+# examples, too few for K=32 per class; 350 leaves it 40.
+INTENT_N_EVAL = 350
+_INTENTS = ("add_to_playlist", "book_restaurant", "get_weather", "play_music", "rate_book",
+            "search_creative_work", "search_screening_event")
+
 TASKS: dict[str, Callable[[], Task]] = {
     "vader-movie": _vader("movieReviewSnippets", "Movie review snippets"),
     "vader-tweets": _vader("tweets", "Tweet"),
@@ -130,6 +210,15 @@ TASKS: dict[str, Callable[[], Task]] = {
     "rt-polarity": _rt_polarity,
     "rt-subjectivity": _rt_subjectivity,
     "bbc-topic": _bbc,
+    "bb-vitaminc": _bigbench("vitaminc_fact_verification", "bb-vitaminc",
+                             {"True": "true", "False": "false", "Neither": "neither"}, _claim_first,
+                             "Claim vs Wikipedia evidence: true, false or not enough information"),
+    "bb-epistemic": _bigbench("epistemic_reasoning", "bb-epistemic",
+                              {"entailment": "entailment", "non-entailment": "non-entailment"}, str.strip,
+                              "Premise/hypothesis about beliefs and knowledge: entailment or not"),
+    "bb-intent": _bigbench("intent_recognition", "bb-intent", {k: k.replace("_", " ") for k in _INTENTS},
+                           lambda s: s.strip().removeprefix("Utterance:").strip(),
+                           "Intent of a voice-assistant utterance (SNIPS), 7 intents", n_eval=INTENT_N_EVAL),
 }
 
 _loaded: dict[str, Task] = {}
