@@ -177,3 +177,17 @@ def test_pretrained_row_trains_nothing():
     model, tok = tiny_factory(task)
     expected = protocol.predict(model, tok, task.eval_texts, cfg)
     assert row["accuracy"] == sum(p == y for p, y in zip(expected, task.eval_labels)) / len(expected)
+
+
+def test_source_reference_batches_are_class_balanced():
+    from sgg_optim.fewshot.training import balanced_batches
+
+    labels = [0] * 50 + [1] * 10 + [2] * 30  # a skewed pool
+    texts = [f"good {i}" for i in range(90)]
+    cfg = RunConfig(batch_size=15, max_length=8)
+    got = list(balanced_batches(WordTokenizer(), texts, labels, cfg, num_batches=4, seed=3))
+    assert len(got) == 4
+    for b in got:
+        assert torch.bincount(b["labels"], minlength=3).tolist() == [5, 5, 5]
+    again = list(balanced_batches(WordTokenizer(), texts, labels, cfg, num_batches=4, seed=3))
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(got, again))

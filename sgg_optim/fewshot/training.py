@@ -97,11 +97,30 @@ def predict(model: nn.Module, tokenizer: Any, texts: Sequence[str], cfg: RunConf
     return preds
 
 
+def balanced_batches(tokenizer: Any, texts: Sequence[str], labels: Sequence[int], cfg: RunConfig,
+                     num_batches: int, seed: int = 0):
+    """``num_batches`` batches of ``cfg.batch_size // C`` examples of every class, drawn by ``seed``.
+
+    A reference is captured on these: with a fresh head, an unbalanced batch's gradient is
+    dominated by moving the prior toward its majority class, whose sign follows the
+    batch's class mix rather than the task (``benchmarks/reference_diagnostics.py``).
+    """
+    rng = random.Random(f"balanced-{seed}")
+    by_class = {c: [i for i, y in enumerate(labels) if y == c] for c in sorted(set(labels))}
+    per = max(1, cfg.batch_size // len(by_class))
+    for _ in range(num_batches):
+        idx = [i for pool in by_class.values() for i in rng.sample(pool, min(per, len(pool)))]
+        enc = encode(tokenizer, [texts[i] for i in idx], cfg.max_length)
+        enc["labels"] = torch.tensor([labels[i] for i in idx])
+        yield dict(enc)
+
+
 def source_reference(model: nn.Module, tokenizer: Any, texts: Sequence[str], labels: Sequence[int],
                      cfg: RunConfig, num_batches: int = 8) -> Reference:
-    """Mean source-task gradient at ``model``'s current point (dropout off while capturing)."""
+    """Mean source-task gradient at ``model``'s current point over class-balanced batches
+    (dropout off while capturing)."""
     model.eval()
-    src = batches(tokenizer, texts, labels, RunConfig(num_batches, cfg.batch_size, cfg.max_length), seed=0)
+    src = balanced_batches(tokenizer, texts, labels, cfg, num_batches)
     ref = capture_reference(model, src, num_batches=num_batches)
     model.train()
     return ref
