@@ -115,32 +115,10 @@ def _references(strategy: Strategy, model: nn.Module, tok: Any, task: Task, seed
     if strategy.reference == "icl":
         if source is None:
             raise ValueError(f"{strategy.name} needs a source task")
-        return icl_reference(model, tok, source, cfg, seed)
+        from ..methods.incontext import icl_reference
+
+        return icl_reference(model, tok, source, cfg=cfg, seed=seed)
     return None
-
-
-def icl_reference(model: nn.Module, tokenizer: Any, source: Task, cfg: RunConfig, seed: int, k: int = 4,
-                  num_batches: int = 8) -> Reference:
-    """The pretrained causal LM's in-context behaviour as a direction: the mean gradient of
-    its label-word loss on ``k``-shot prompts of ``source`` (demonstrations from the source's
-    train pool, never the query itself), taken at ``model``'s initial point.
-
-    ``model`` must be a :class:`~sgg_optim.methods.incontext.VerbalizerLM` (a causal LM);
-    the scorer built here shares its ``.lm``, so the reference binds to the same parameters.
-    """
-    from ..methods.incontext import PromptTokenizer, VerbalizerLM
-
-    if not isinstance(model, VerbalizerLM):
-        raise ValueError(f"an in-context reference needs a causal LM scored by label words (--model smollm2), "
-                         f"got {type(model).__name__}")
-    hf_tok = getattr(tokenizer, "tokenizer", tokenizer)
-    prompter = PromptTokenizer(hf_tok, source.label_names).with_demos(source.train_texts, source.train_labels,
-                                                                       k, seed=seed)
-    scorer = VerbalizerLM(model.lm, prompter.label_token_ids)
-    ref = source_reference(scorer, prompter, source.train_texts, source.train_labels, cfg, num_batches)
-    names = {p: n for n, p in model.named_parameters()}
-    # same tensors, named as the trained model names them
-    return Reference({names[p]: ref[n] for n, p in scorer.named_parameters() if n in ref}).bind(model)
 
 
 def run_cell(task: Task, strategy: Strategy, k: int, seed: int, factory: ModelFactory, cfg: RunConfig,
