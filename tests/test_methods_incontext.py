@@ -13,9 +13,10 @@ from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
 from sgg_optim.methods.incontext import (  # noqa: E402
-    PromptTokenizer, VerbalizerLM, apply_lora_lm, demonstration_indices, icl_reference, in_context_accuracy,
-    label_loglik, prepare_icl_format, query_indices, retention_lm, with_demonstrations,
+    PromptTokenizer, VerbalizerLM, apply_lora_lm, demonstration_indices, label_loglik, prepare_icl_format,
+    with_demonstrations,
 )
+from sgg_optim.methods.retention import icl_reference, in_context_accuracy, query_indices, retention_lm  # noqa: E402
 
 WORDS = ["[PAD]", "[UNK]", "[EOS]", "Text", "Label", ":", "neg", "pos", "very", "good", "bad"]
 WORDS += [f"w{i}" for i in range(30)]

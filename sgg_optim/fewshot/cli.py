@@ -94,7 +94,8 @@ def model_factory(name: str) -> Any:
 def run_grid(tasks: Sequence[str], strategies: Sequence[str], shots: Sequence[int], seeds: Sequence[int],
              steps: int, store: ResultsFile, lrs: Sequence[float] | None = None,
              explain: bool = False, factory: Any = None, model: str = MODEL_NAME,
-             sources: Sequence[str] = (), retention: Sequence[str] = ()) -> list[dict[str, Any]]:
+             sources: Sequence[str] = (), retention: Sequence[str] = (),
+             retention_n: int = 100) -> list[dict[str, Any]]:
     """Run every missing cell of the grid into ``store``; the rows of this grid.
 
     ``sources`` are the tasks of ``*-sources`` rows; ``retention`` the tasks on which each
@@ -125,7 +126,8 @@ def run_grid(tasks: Sequence[str], strategies: Sequence[str], shots: Sequence[in
         bar = _progress(steps * len(grid), f"{sname} seed {seed}")
         torch.manual_seed(seed)
         row = run_cell(task, strategy, k, seed, factory, cfg, lr_grid=grid, source=source, sources=multi,
-                       retention=[load_task(r) for r in retention], on_step=lambda _: bar.update())
+                       retention=[load_task(r) for r in retention], retention_n=retention_n,
+                       on_step=lambda _: bar.update())
         bar.close()
         row["model"] = model
         store.append(row)
@@ -199,7 +201,7 @@ def bench(args: argparse.Namespace) -> int:
                     list(range(args.seeds)), args.steps, store,
                     lrs=[float(x) for x in args.lrs.split(",")] if args.lrs else None, explain=True,
                     model=args.model, sources=[s for s in args.sources.split(",") if s],
-                    retention=[r for r in args.retention.split(",") if r])
+                    retention=[r for r in args.retention.split(",") if r], retention_n=args.retention_n)
     _say("\n" + results_table(rows))
     if args.plot:
         from .plots import comparison_plot
@@ -249,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--sources", default=SOURCES, help="source tasks of the *-sources rows (the target is left out)")
     b.add_argument("--retention", default="", help=f"smollm2: in-context accuracy after tuning on these tasks "
                    f"(e.g. {RETENTION})")
+    b.add_argument("--retention-n", type=int, default=100, help="eval texts per retention task")
     b.add_argument("--results", default="benchmarks/results/fewshot_bench.jsonl")
     b.add_argument("--plot", default="", help="also write a PNG of the grid's rows")
     b.add_argument("--threads", type=int, default=0)

@@ -115,7 +115,7 @@ def _references(strategy: Strategy, model: nn.Module, tok: Any, task: Task, seed
     if strategy.reference == "icl":
         if source is None:
             raise ValueError(f"{strategy.name} needs a source task")
-        from ..methods.incontext import icl_reference
+        from ..methods.retention import icl_reference
 
         return icl_reference(model, tok, source, cfg=cfg, seed=seed)
     return None
@@ -123,14 +123,15 @@ def _references(strategy: Strategy, model: nn.Module, tok: Any, task: Task, seed
 
 def run_cell(task: Task, strategy: Strategy, k: int, seed: int, factory: ModelFactory, cfg: RunConfig,
              *, lr_grid: Optional[Sequence[float]] = None, source: Optional[Task] = None,
-             sources: Sequence[Task] = (), retention: Sequence[Task] = (),
+             sources: Sequence[Task] = (), retention: Sequence[Task] = (), retention_n: int = 100,
              on_step: Optional[Callable[[int], None]] = None) -> dict[str, Any]:
     """Train ``strategy`` on K shots of ``task`` for each lr, keep the best on validation,
     and report its eval figures and per-step trace (a JSON-able dict).
 
     ``source`` is the task of ``*-source`` and ``*-icl`` references, ``sources`` those of
     ``*-sources`` rows. With ``retention`` tasks (causal LMs only) the row also holds the
-    tuned model's in-context accuracy on each (:mod:`sgg_optim.methods.incontext`).
+    tuned model's in-context accuracy on ``retention_n`` eval texts of each, with 4
+    demonstrations (:mod:`sgg_optim.methods.retention`).
     """
     t0 = time.perf_counter()
     shots = sample_kshot(task.train_labels, k, seed)
@@ -170,9 +171,9 @@ def run_cell(task: Task, strategy: Strategy, k: int, seed: int, factory: ModelFa
         w = torch.tensor(trace["weights"], dtype=torch.float64)
         row["source_weights"] = dict(zip((s.name for s in sources), w.mean(0).tolist()))
     if retention:
-        from ..methods.incontext import retention_lm, retention_report
+        from ..methods.retention import retention_lm, retention_report
 
         row["retention"] = retention_report(retention_lm(model), getattr(tok, "tokenizer", tok), retention,
-                                            max_length=cfg.max_length)
+                                            max_length=cfg.max_length, n_eval=retention_n)
     row["seconds"] = round(time.perf_counter() - t0, 1)
     return row

@@ -197,8 +197,8 @@ for _s in (
              description="L-Tuning: label-derived prefix + label-embedding classifier, model frozen"),
     Strategy("promot", prepare=_method_hook("promot", "prepare_promot"),
              description="ProMoT: soft prompt trained first (model frozen), then the model with the prompt frozen"),
-    Strategy("icl-format", prepare=_method_hook("incontext", "prepare_icl_format"),
-             description="in-context-format fine-tuning: k demonstrations from the shots in every input"),
+    Strategy("icl-format", prepare=_method_hook("incontext", "prepare_icl_format", k=2, demo_max_length=32),
+             description="in-context-format fine-tuning: 2 demonstrations (32 tokens each) from the shots per input"),
     Strategy("sgg-exact", objective=_sgg_exact,
              description="SGG's exact objective: L + direction and magnitude penalties by double backward"),
 ):
