@@ -11,6 +11,8 @@ reference says is what the code says.
 
 from __future__ import annotations
 
+import importlib
+
 import argparse
 import ast
 import dataclasses
@@ -312,6 +314,8 @@ def build() -> tuple[str, list[str]]:
     modules = [("sgg_optim.rules", sgg_optim.rules), ("sgg_optim.functional", sgg_optim.functional),
                ("sgg_optim.accelerate", sgg_optim.accelerate),
                ("sgg_optim.integrations.transformers", sgg_optim.integrations.transformers)]
+    modules += [(f"sgg_optim.methods.{m}", importlib.import_module(f"sgg_optim.methods.{m}"))
+                for m in ("sgg_exact", "ltuning", "promot", "incontext", "retention")]
     targets: dict[str, str] = {}
     for name in top_level_names():
         targets[name] = anchor(f"`{name}`")

@@ -233,6 +233,7 @@ class PromptTokenizer:
 
     @property
     def label_words(self) -> list[str]:
+        """Each label as the continuation that is scored (``label_format`` applied)."""
         return [self.label_format.format(label=name) for name in self.label_names]
 
     @property
@@ -242,6 +243,7 @@ class PromptTokenizer:
 
     @property
     def pad_token_id(self) -> int:
+        """The wrapped tokenizer's pad id (eos when it had none)."""
         return self.tokenizer.pad_token_id
 
     def prompts(self, texts: Sequence[str], max_length: Optional[int] = None) -> list[str]:
@@ -311,6 +313,7 @@ class VerbalizerLM(nn.Module):
 
     @property
     def num_labels(self) -> int:
+        """How many label words are scored."""
         return len(self.label_token_ids)
 
     def score(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
@@ -323,6 +326,8 @@ class VerbalizerLM(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, labels: Optional[Tensor] = None,
                 **kwargs: Any) -> Any:
+        """``SequenceClassifierOutput``: ``logits`` = :meth:`score`, ``loss`` = their cross-entropy
+        with ``labels`` when given (other keywords, e.g. ``token_type_ids``, are ignored)."""
         from transformers.modeling_outputs import SequenceClassifierOutput
 
         unknown = [k for k, v in kwargs.items() if v is not None and k != "return_dict"]
