@@ -166,7 +166,7 @@ def train(model: nn.Module, strategy: Strategy, lr: float, data: Any, cfg: RunCo
                 trace.setdefault("weights", []).append([float(w) for w in s["weights"]])
         figures = getattr(loss_fn, "stats", None)  # an objective's own figures (SGG's exact loss)
         if isinstance(figures, dict):
-            loss = torch.as_tensor(figures.get("loss", float(loss)))  # the task loss, without penalties
+            loss = torch.as_tensor(figures.get("loss", float(loss.detach())))  # the task loss, without penalties
             if math.isnan(ref_cos):
                 ref_cos = float(figures.get("cos", math.nan))
         now = _flat_trainable(params)
