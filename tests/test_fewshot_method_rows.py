@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 pytest.importorskip("peft")
 from test_fewshot_protocol import synthetic_task, tiny_factory  # noqa: E402

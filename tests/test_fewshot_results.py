@@ -83,3 +83,17 @@ def test_aggregate_and_table_mean_std():
     assert mu == pytest.approx(0.7) and sd == pytest.approx(math.sqrt(0.02)) and n == 2
     table = cli.results_table(rows, ("accuracy", "macro_f1"))
     assert "| t | 16 | adamw | 2 | 70.0 ± 14.1 | 70.0 ± 14.1 |" in table
+
+
+def test_retention_table_reports_drop_against_pretrained():
+    from sgg_optim.fewshot.cli import retention_table
+
+    rows = [{"strategy": "pretrained", "retention": {"a": 0.60, "b": 0.40}},
+            {"strategy": "lora", "retention": {"a": 0.50, "b": 0.40}},
+            {"strategy": "lora", "retention": {"a": 0.40, "b": 0.20}},
+            {"strategy": "lora", "accuracy": 0.9}]  # a row without retention is left out
+    lines = retention_table(rows).splitlines()
+    assert lines[0] == "| strategy | seeds | a | b | mean | drop vs pretrained |"
+    assert lines[2] == "| pretrained | 1 | 60.0 | 40.0 | 50.0 | +0.0 |"
+    assert lines[3] == "| lora | 2 | 45.0 | 30.0 | 37.5 | +12.5 |"
+    assert retention_table([{"strategy": "x"}]) == ""

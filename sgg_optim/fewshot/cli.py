@@ -72,6 +72,32 @@ def results_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] = METRI
     return "\n".join(lines)
 
 
+def retention_table(rows: Sequence[dict[str, Any]], baseline: str = "pretrained") -> str:
+    """A Markdown table of in-context accuracy (%) per retention task and strategy, and the
+    drop against the ``baseline`` row (``pretrained - tuned``, in points; mean over seeds)."""
+    from .metrics import mean_std
+
+    rows = [r for r in rows if r.get("retention")]
+    if not rows:
+        return ""
+    tasks = sorted({t for r in rows for t in r["retention"]})
+    by_strategy: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_strategy.setdefault(r["strategy"], []).append(r)
+    mean = {s: {t: mean_std([r["retention"][t] for r in rs if t in r["retention"]])[0] for t in tasks}
+            for s, rs in by_strategy.items()}
+    base = mean.get(baseline)
+    head = ["strategy", "seeds"] + tasks + ["mean", "drop vs " + baseline if base else ""]
+    lines = ["| " + " | ".join(h for h in head if h) + " |", "|" + "---|" * len([h for h in head if h])]
+    for s, rs in by_strategy.items():
+        avg = sum(mean[s].values()) / len(tasks)
+        cells = [f"{100 * mean[s][t]:.1f}" for t in tasks] + [f"{100 * avg:.1f}"]
+        if base:
+            cells.append(f"{100 * (sum(base.values()) / len(tasks) - avg):+.1f}")
+        lines.append("| " + " | ".join([s, str(len(rs))] + cells) + " |")
+    return "\n".join(lines)
+
+
 def _progress(total: int, desc: str):
     from tqdm.auto import tqdm
 
@@ -203,6 +229,9 @@ def bench(args: argparse.Namespace) -> int:
                     model=args.model, sources=[s for s in args.sources.split(",") if s],
                     retention=[r for r in args.retention.split(",") if r], retention_n=args.retention_n)
     _say("\n" + results_table(rows))
+    if any(r.get("retention") for r in rows):
+        _say("\nIn-context accuracy (%) after tuning, 4 demonstrations, and its drop against the pretrained model:\n")
+        _say(retention_table(rows))
     if args.plot:
         from .plots import comparison_plot
 
