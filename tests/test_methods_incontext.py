@@ -320,3 +320,17 @@ def test_query_indices_balanced_fixed_and_complete():
     assert len(set(idx)) == 30 and counts == [12, 6, 12]  # the rare class gives all it has
     assert idx == query_indices(labels, 30) and idx == sorted(idx)
     assert query_indices(labels, None) == list(range(len(labels)))
+
+
+def test_shared_prompt_cache_gives_the_pairwise_scores(lm, tok):
+    from peft import LoraConfig, get_peft_model
+
+    from sgg_optim.methods.incontext import cached_choice_logliks, choice_logliks, continuation_ids
+
+    prompts = [tok(p)["input_ids"] for p in ("Text: w1\nLabel:", "Text: w2 w3 w4 w5 w6\nLabel:")]
+    choices = [continuation_ids(tok, [" pos", " very good", " very very bad"])] * 2  # 1, 2 and 3 tokens
+    lora = get_peft_model(make_lm(1), LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    for model in (lm, lora):
+        with torch.no_grad():
+            torch.testing.assert_close(cached_choice_logliks(model, prompts, choices),
+                                       choice_logliks(model, prompts, choices), atol=1e-5, rtol=0)

@@ -121,7 +121,7 @@ def run_grid(tasks: Sequence[str], strategies: Sequence[str], shots: Sequence[in
              steps: int, store: ResultsFile, lrs: Sequence[float] | None = None,
              explain: bool = False, factory: Any = None, model: str = MODEL_NAME,
              sources: Sequence[str] = (), retention: Sequence[str] = (),
-             retention_n: int = 100) -> list[dict[str, Any]]:
+             retention_n: int = 100, retention_k: int = 4) -> list[dict[str, Any]]:
     """Run every missing cell of the grid into ``store``; the rows of this grid.
 
     ``sources`` are the tasks of ``*-sources`` rows; ``retention`` the tasks on which each
@@ -153,6 +153,7 @@ def run_grid(tasks: Sequence[str], strategies: Sequence[str], shots: Sequence[in
         torch.manual_seed(seed)
         row = run_cell(task, strategy, k, seed, factory, cfg, lr_grid=grid, source=source, sources=multi,
                        retention=[load_task(r) for r in retention], retention_n=retention_n,
+                       retention_k=retention_k,
                        on_step=lambda _: bar.update())
         bar.close()
         row["model"] = model
@@ -227,10 +228,12 @@ def bench(args: argparse.Namespace) -> int:
                     list(range(args.seeds)), args.steps, store,
                     lrs=[float(x) for x in args.lrs.split(",")] if args.lrs else None, explain=True,
                     model=args.model, sources=[s for s in args.sources.split(",") if s],
-                    retention=[r for r in args.retention.split(",") if r], retention_n=args.retention_n)
+                    retention=[r for r in args.retention.split(",") if r], retention_n=args.retention_n,
+                    retention_k=args.retention_k)
     _say("\n" + results_table(rows))
     if any(r.get("retention") for r in rows):
-        _say("\nIn-context accuracy (%) after tuning, 4 demonstrations, and its drop against the pretrained model:\n")
+        _say(f"\nIn-context accuracy (%) after tuning, {args.retention_k} demonstrations, and its drop against "
+             "the pretrained model:\n")
         _say(retention_table(rows))
     if args.plot:
         from .plots import comparison_plot
@@ -281,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--retention", default="", help=f"smollm2: in-context accuracy after tuning on these tasks "
                    f"(e.g. {RETENTION})")
     b.add_argument("--retention-n", type=int, default=100, help="eval texts per retention task")
+    b.add_argument("--retention-k", type=int, default=4, help="demonstrations per retention prompt")
     b.add_argument("--results", default="benchmarks/results/fewshot_bench.jsonl")
     b.add_argument("--plot", default="", help="also write a PNG of the grid's rows")
     b.add_argument("--threads", type=int, default=0)

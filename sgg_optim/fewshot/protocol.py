@@ -124,14 +124,15 @@ def _references(strategy: Strategy, model: nn.Module, tok: Any, task: Task, seed
 def run_cell(task: Task, strategy: Strategy, k: int, seed: int, factory: ModelFactory, cfg: RunConfig,
              *, lr_grid: Optional[Sequence[float]] = None, source: Optional[Task] = None,
              sources: Sequence[Task] = (), retention: Sequence[Task] = (), retention_n: int = 100,
+             retention_k: int = 4,
              on_step: Optional[Callable[[int], None]] = None) -> dict[str, Any]:
     """Train ``strategy`` on K shots of ``task`` for each lr, keep the best on validation,
     and report its eval figures and per-step trace (a JSON-able dict).
 
     ``source`` is the task of ``*-source`` and ``*-icl`` references, ``sources`` those of
     ``*-sources`` rows. With ``retention`` tasks (causal LMs only) the row also holds the
-    tuned model's in-context accuracy on ``retention_n`` eval texts of each, with 4
-    demonstrations (:mod:`sgg_optim.methods.retention`).
+    tuned model's in-context accuracy on ``retention_n`` eval texts of each, with
+    ``retention_k`` demonstrations (:mod:`sgg_optim.methods.retention`).
     """
     t0 = time.perf_counter()
     shots = sample_kshot(task.train_labels, k, seed)
@@ -174,6 +175,7 @@ def run_cell(task: Task, strategy: Strategy, k: int, seed: int, factory: ModelFa
         from ..methods.retention import retention_lm, retention_report
 
         row["retention"] = retention_report(retention_lm(model), getattr(tok, "tokenizer", tok), retention,
-                                            max_length=cfg.max_length, n_eval=retention_n)
+                                            max_length=cfg.max_length, n_eval=retention_n,
+                                            k=retention_k)
     row["seconds"] = round(time.perf_counter() - t0, 1)
     return row

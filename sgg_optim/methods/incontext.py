@@ -105,6 +105,48 @@ def choice_logliks(lm: nn.Module, prompt_ids: Sequence[Sequence[int]],
     return sums.view(len(prompt_ids), -1)
 
 
+def _can_share_prompt_cache(lm: nn.Module) -> bool:
+    """An HF causal LM that takes a KV cache, and no PEFT prompt tuning (its virtual tokens
+    would shift the cache positions)."""
+    cfg = getattr(lm, "active_peft_config", None)
+    if getattr(cfg, "is_prompt_learning", False):
+        return False
+    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    return "past_key_values" in inspect.signature(base.forward).parameters
+
+
+def cached_choice_logliks(lm: nn.Module, prompt_ids: Sequence[Sequence[int]],
+                          choice_ids: Sequence[Sequence[Sequence[int]]]) -> Tensor:
+    """:func:`choice_logliks` for inference with multi-token choices: each prompt runs once and
+    its KV cache is shared by all its choices (``C`` times fewer prompt tokens than one
+    sequence per pair). Not for PEFT prompt-tuning models, whose virtual tokens the cache
+    positions below do not account for.
+    """
+    dev = _device(lm)
+    keep = {"logits_to_keep": 1} if _accepts_logits_to_keep(lm) else {}
+    out = []
+    for p, row in zip(prompt_ids, choice_ids):
+        res = lm(input_ids=torch.tensor([list(p)], device=dev), use_cache=True, **keep)
+        first = res.logits[0, -1].float().log_softmax(-1)
+        scores = [first[c[0]] for c in row]
+        width = max(len(c) for c in row) - 1  # tokens after the first are fed with the prompt's cache
+        if width > 0:
+            cache = res.past_key_values
+            cache.batch_repeat_interleave(len(row))
+            ids = torch.zeros(len(row), width, dtype=torch.long)
+            mask = torch.ones(len(row), len(p) + width, dtype=torch.long)
+            for j, c in enumerate(row):
+                ids[j, : len(c) - 1] = torch.as_tensor(list(c[:-1]))
+                mask[j, len(p) + len(c) - 1:] = 0  # right padding after a shorter choice
+            pos = (len(p) + torch.arange(width)).expand(len(row), -1)
+            logp = lm(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
+                      past_key_values=cache, use_cache=False).logits.float().log_softmax(-1)
+            scores = [scores[j] + sum((logp[j, t, c[t + 1]] for t in range(len(c) - 1)), logp.new_zeros(()))
+                      for j, c in enumerate(row)]
+        out.append(torch.stack(scores))
+    return torch.stack(out)
+
+
 def continuation_ids(tokenizer: Any, words: Sequence[str]) -> list[list[int]]:
     """Token ids of each word tokenized alone as a continuation (no special tokens)."""
     return [list(tokenizer(w, add_special_tokens=False)["input_ids"]) for w in words]
@@ -138,7 +180,9 @@ def label_loglik(lm: nn.Module, tokenizer: Any, prompts: Sequence[str],
                 if budget < 1:
                     raise ValueError(f"max_length={max_length} leaves no room for the prompt")
                 pids.append(list(tokenizer(text)["input_ids"])[-budget:])
-            out.append(choice_logliks(lm, pids, cids).cpu())
+            single = all(len(c) == 1 for row in cids for c in row)
+            score = cached_choice_logliks if not single and _can_share_prompt_cache(lm) else choice_logliks
+            out.append(score(lm, pids, cids).cpu())
         return torch.cat(out) if out else torch.zeros(0, len(per_prompt[0]) if per_prompt else 0)
     finally:
         lm.train(was_training)
