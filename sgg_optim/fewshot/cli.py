@@ -225,7 +225,7 @@ def bench(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads or torch.get_num_threads())
     store = ResultsFile(Path(args.results))
     rows = run_grid(args.tasks.split(","), args.strategies.split(","), [int(k) for k in args.shots.split(",")],
-                    list(range(args.seeds)), args.steps, store,
+                    list(range(args.first_seed, args.first_seed + args.seeds)), args.steps, store,
                     lrs=[float(x) for x in args.lrs.split(",")] if args.lrs else None, explain=True,
                     model=args.model, sources=[s for s in args.sources.split(",") if s],
                     retention=[r for r in args.retention.split(",") if r], retention_n=args.retention_n,
@@ -275,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--strategies", default="adamw,adamw-clip,project-ema,cone-ema,cone-source,blend-ema",
                    help=f"comma-separated, '+' composes; from {', '.join(STRATEGIES)}")
     b.add_argument("--shots", default="8,16,32")
-    b.add_argument("--seeds", type=int, default=5)
+    b.add_argument("--seeds", type=int, default=5, help="how many seeds")
+    b.add_argument("--first-seed", type=int, default=0, help="seeds run from here (split a grid across processes)")
     b.add_argument("--steps", type=int, default=30)
     b.add_argument("--lrs", default="", help="override every strategy's lr grid (comma-separated)")
     b.add_argument("--model", default=MODEL_NAME, choices=MODELS,
