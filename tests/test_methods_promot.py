@@ -251,3 +251,18 @@ def test_bad_arguments_name_the_parameter():
     model = attach_prompt(tiny_bert(), num_virtual_tokens=2)
     with pytest.raises(ValueError, match="already has a soft prompt"):
         attach_prompt(copy.deepcopy(model))
+
+
+def test_stage1_head_learning_rate_is_separate_from_the_prompts():
+    base, tok = tiny_bert(), tokenizer()
+    model = attach_prompt(base, num_virtual_tokens=3, seed=0)
+    before = snapshot(model)
+    train_prompt(model, batches(tok, 2), lr=1e-2, head_lr=1e-9)
+    after = dict(model.named_parameters())
+    head = [n for n in before if ".modules_to_save." in n and after[n].requires_grad]
+    prompt = [n for n in before if is_prompt(n)]
+    assert head and prompt
+    assert all((after[n] - before[n]).abs().max() < 1e-6 for n in head)  # AdamW steps ~ lr: tiny
+    assert all((after[n] - before[n]).abs().max() > 1e-4 for n in prompt)
+    with pytest.raises(ValueError, match="head_lr"):
+        train_prompt(model, batches(tok, 1), head_lr=0.0)

@@ -138,16 +138,23 @@ def _fit(model: nn.Module, batches: Iterable[Batch], optimizer: torch.optim.Opti
 
 
 def train_prompt(model: nn.Module, batches: Iterable[Batch], *, lr: float = 3e-2, weight_decay: float = 0.0,
-                 loss_fn: Optional[LossFn] = None) -> list[float]:
+                 loss_fn: Optional[LossFn] = None, head_lr: Optional[float] = None) -> list[float]:
     """Stage 1: AdamW on the prompt (and a fresh head) of an ``attach_prompt`` model; the losses.
 
     No weight decay by default: decay would pull the prompt toward the zero embedding,
-    which is not a neutral prompt.
+    which is not a neutral prompt. ``head_lr`` (default ``lr``) is the learning rate of the
+    other trainable parameters (a fresh classification head): a prompt needs a large one,
+    a linear head trained that fast becomes overconfident before stage 2 starts.
     """
     if lr <= 0:
         raise ValueError(f"lr must be > 0, got {lr}")
+    if head_lr is not None and head_lr <= 0:
+        raise ValueError(f"head_lr must be > 0, got {head_lr}")
     prompt_model(model)  # fail early on a model without a prompt
-    opt = torch.optim.AdamW([p for _, p in trainable_named_parameters(model)], lr=lr, weight_decay=weight_decay)
+    named = trainable_named_parameters(model)
+    groups = [{"params": [p for n, p in named if "prompt_encoder" in n], "lr": lr},
+              {"params": [p for n, p in named if "prompt_encoder" not in n], "lr": lr if head_lr is None else head_lr}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay)
     return _fit(model, batches, opt, loss_fn)
 
 
@@ -254,12 +261,12 @@ def _shuffled_batches(tokenizer: Any, texts: Sequence[str], labels: Sequence[int
         yield batch
 
 
-def prepare_promot(stage1_steps: Optional[int] = None, prompt_lr: float = 3e-2,
-                   num_virtual_tokens: int = 20) -> Callable[[nn.Module, Any], tuple[nn.Module, Any]]:
+def prepare_promot(stage1_steps: Optional[int] = None, prompt_lr: float = 3e-2, num_virtual_tokens: int = 20,
+                   head_lr: float = 1e-3) -> Callable[[nn.Module, Any], tuple[nn.Module, Any]]:
     """Benchmark hook: attach a prompt, run stage 1 on the run's K-shot set, ready stage 2.
 
-    The returned ``prepare(model, ctx)`` trains the prompt (and a fresh head) with plain AdamW
-    at ``prompt_lr`` for ``stage1_steps`` steps (default ``ctx.cfg.steps``) on
+    The returned ``prepare(model, ctx)`` trains the prompt with plain AdamW at ``prompt_lr``
+    (and a fresh head, at ``head_lr``) for ``stage1_steps`` steps (default ``ctx.cfg.steps``) on
     ``ctx.train_texts``/``ctx.train_labels`` shuffled by ``ctx.seed``, then freezes the prompt
     and unfreezes the model (or its LoRA weights), so the benchmark loop runs stage 2 with the
     strategy's own optimizer and learning rate. Parameter names gain PEFT's prefixes, so a
@@ -280,7 +287,7 @@ def prepare_promot(stage1_steps: Optional[int] = None, prompt_lr: float = 3e-2,
                                  batch_size=cfg.batch_size, max_length=cfg.max_length, seed=ctx.seed)
         with torch.random.fork_rng(devices=[]):  # dropout draws of stage 1 leave the run's RNG alone
             torch.manual_seed(ctx.seed)
-            train_prompt(model, data, lr=prompt_lr)
+            train_prompt(model, data, lr=prompt_lr, head_lr=head_lr)
         return unfreeze_for_stage2(model), ctx.tokenizer
 
     return prepare
