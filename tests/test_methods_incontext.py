@@ -334,3 +334,9 @@ def test_shared_prompt_cache_gives_the_pairwise_scores(lm, tok):
         with torch.no_grad():
             torch.testing.assert_close(cached_choice_logliks(model, prompts, choices),
                                        choice_logliks(model, prompts, choices), atol=1e-5, rtol=0)
+
+
+def test_retention_needs_a_language_model_head(lm):
+    assert retention_lm(VerbalizerLM(lm, [[6], [7]])) is lm
+    with pytest.raises(ValueError, match="no language-model head"):
+        retention_lm(lm.model)  # the bare decoder, as L-Tuning keeps it

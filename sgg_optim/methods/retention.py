@@ -24,12 +24,19 @@ def retention_lm(model: nn.Module) -> nn.Module:
 
     A :class:`VerbalizerLM` gives its ``.lm``; a PEFT prompt-learning model gives its base
     model, i.e. the prompt removed at evaluation (ProMoT); a LoRA model keeps its adapters.
+    A model without a language-model head (e.g. L-Tuning's classifier, which keeps only the
+    backbone) raises ``ValueError``: L-Tuning changes no LM weight, so the LM it came from
+    keeps exactly the pretrained model's in-context accuracy.
     """
     if isinstance(model, VerbalizerLM):
         return retention_lm(model.lm)
     cfg = getattr(model, "active_peft_config", None)
     if cfg is not None and getattr(cfg, "is_prompt_learning", False):
         return model.get_base_model()
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no language-model head: in-context retention "
+                         "needs a causal LM")
     return model
 
 
