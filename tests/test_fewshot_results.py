@@ -62,6 +62,10 @@ def test_finished_cells_are_skipped_on_rerun(tmp_path, toy_task, monkeypatch):
     cli.run_grid(["toy"], ["adamw", "adamw-clip"], [2], [0, 1], store=ResultsFile(path), **kw)
     assert calls == []
 
+    # --report: a missing cell is listed as not run, nothing trains, the done rows come back
+    rows = cli.run_grid(["toy"], ["adamw", "blend-ema"], [2], [0, 1], store=ResultsFile(path), run=False, **kw)
+    assert calls == [] and [r["strategy"] for r in rows] == ["adamw", "adamw"]
+
 
 def test_truncated_last_line_reruns_that_cell(tmp_path):
     path = tmp_path / "r.jsonl"

@@ -121,11 +121,12 @@ def run_grid(tasks: Sequence[str], strategies: Sequence[str], shots: Sequence[in
              steps: int, store: ResultsFile, lrs: Sequence[float] | None = None,
              explain: bool = False, factory: Any = None, model: str = MODEL_NAME,
              sources: Sequence[str] = (), retention: Sequence[str] = (),
-             retention_n: int = 100, retention_k: int = 4) -> list[dict[str, Any]]:
+             retention_n: int = 100, retention_k: int = 4, run: bool = True) -> list[dict[str, Any]]:
     """Run every missing cell of the grid into ``store``; the rows of this grid.
 
     ``sources`` are the tasks of ``*-sources`` rows; ``retention`` the tasks on which each
-    tuned causal LM's in-context accuracy is measured (empty: not measured).
+    tuned causal LM's in-context accuracy is measured (empty: not measured). ``run=False``
+    runs nothing and returns the cells already in ``store``.
     """
     import torch
 
@@ -139,6 +140,10 @@ def run_grid(tasks: Sequence[str], strategies: Sequence[str], shots: Sequence[in
     missing = [c for c in todo if not store.done(cell_key(c[0], c[1], c[2], c[3], steps, model))]
     if len(missing) < len(todo):
         _say(f"{len(todo) - len(missing)} of {len(todo)} cells already in {store.path}: skipped")
+    if not run:
+        if missing:
+            _say(f"{len(missing)} cells not run (--report)")
+        missing = []
     if missing and factory is None:
         factory = model_factory(model)
     for i, (tname, sname, k, seed) in enumerate(missing):
@@ -229,7 +234,7 @@ def bench(args: argparse.Namespace) -> int:
                     lrs=[float(x) for x in args.lrs.split(",")] if args.lrs else None, explain=True,
                     model=args.model, sources=[s for s in args.sources.split(",") if s],
                     retention=[r for r in args.retention.split(",") if r], retention_n=args.retention_n,
-                    retention_k=args.retention_k)
+                    retention_k=args.retention_k, run=not args.report)
     _say("\n" + results_table(rows))
     if any(r.get("retention") for r in rows):
         _say(f"\nIn-context accuracy (%) after tuning, {args.retention_k} demonstrations, and its drop against "
@@ -288,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--retention-k", type=int, default=4, help="demonstrations per retention prompt")
     b.add_argument("--results", default="benchmarks/results/fewshot_bench.jsonl")
     b.add_argument("--plot", default="", help="also write a PNG of the grid's rows")
+    b.add_argument("--report", action="store_true", help="run nothing: the tables of the cells already done")
     b.add_argument("--threads", type=int, default=0)
     b.set_defaults(func=bench)
     f = sub.add_parser("fetch", help="download and cache the models and data (then work offline)")
