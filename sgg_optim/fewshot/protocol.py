@@ -146,7 +146,7 @@ def run_cell(task: Task, strategy: Strategy, k: int, seed: int, factory: ModelFa
         if strategy.prepare is not None:
             ctx = PrepareContext(tok, task, tuple(tr_texts), tuple(tr_labels), cfg, seed, lr)
             model, tok = strategy.prepare(model, ctx)
-        trace: dict[str, list] = {k: [] for k in ("loss", "grad_norm", "applied_norm", "update_cos", "ref_cos")}
+        trace: dict[str, list] = {name: [] for name in ("loss", "grad_norm", "applied_norm", "update_cos", "ref_cos")}
         if strategy.train:
             ref = _references(strategy, model, tok, task, seed, cfg, factory, source, sources)
             trace = train(model, strategy, lr, batches(tok, tr_texts, tr_labels, cfg, seed), cfg, ref, on_step)
