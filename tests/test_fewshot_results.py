@@ -6,28 +6,11 @@ import json
 import math
 
 import pytest
-import torch
-from transformers import BertConfig, BertForSequenceClassification
+
+from test_fewshot_protocol import tiny_factory
 
 from sgg_optim.fewshot import cli, protocol, tasks
 from sgg_optim.fewshot.results import ResultsFile, aggregate, cell_key
-
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "yes", "no", "maybe"]
-
-
-def _tok(texts, truncation=True, max_length=8, padding=True, return_tensors="pt"):
-    ids = [[2] + [VOCAB.index(w) if w in VOCAB else 1 for w in t.split()] + [3] for t in texts]
-    n = max(map(len, ids))
-    return {"input_ids": torch.tensor([x + [0] * (n - len(x)) for x in ids]),
-            "attention_mask": torch.tensor([[1] * len(x) + [0] * (n - len(x)) for x in ids])}
-
-
-def _factory(task):
-    num_labels = task.num_labels
-    cfg = BertConfig(vocab_size=len(VOCAB), hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=16, max_position_embeddings=16, num_labels=num_labels)
-    return BertForSequenceClassification(cfg), _tok
-
 
 @pytest.fixture
 def toy_task(monkeypatch):
@@ -48,7 +31,7 @@ def test_finished_cells_are_skipped_on_rerun(tmp_path, toy_task, monkeypatch):
 
     monkeypatch.setattr(protocol, "run_cell", counting)
     path = tmp_path / "grid.jsonl"
-    kw = dict(steps=2, lrs=[1e-3], factory=_factory)
+    kw = dict(steps=2, lrs=[1e-3], factory=tiny_factory)
     rows = cli.run_grid(["toy"], ["adamw"], [2], [0, 1], store=ResultsFile(path), **kw)
     assert len(calls) == 2 and len(rows) == 2
     assert len(path.read_text().splitlines()) == 2

@@ -275,12 +275,12 @@ def test_retention_lm_unwraps_prompt_tuning_and_keeps_lora(lm, tok):
 
 
 def test_smollm2_factory_builds_fresh_verbalizers_from_a_folder(tmp_path, tok):
-    from sgg_optim.fewshot.models import MODEL_FACTORIES
+    from sgg_optim.fewshot.models import smollm2_factory
 
     make_lm(2).save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     task = SimpleNamespace(name="toy", label_names=("neg", "very good"))
-    build = MODEL_FACTORIES["smollm2"](tmp_path)
+    build = smollm2_factory(tmp_path)
     (a, pt), (b, _) = build(task), build(task)
     assert isinstance(a, VerbalizerLM) and pt.label_names == ("neg", "very good")
     assert a.label_token_ids == [[6], [8, 9]]

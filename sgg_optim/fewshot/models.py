@@ -8,16 +8,15 @@ SmolLM2-135M-Instruct classifies by label-word log-likelihood
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
-from torch import nn
 
 from ..methods.incontext import PromptTokenizer, VerbalizerLM
+from .training import ModelFactory
 
-TaskModelFactory = Callable[[Any], tuple[nn.Module, Any]]  # task -> (model, tokenizer)
 
 
-def smollm2_factory(folder: Optional[Path] = None) -> TaskModelFactory:
+def smollm2_factory(folder: Optional[Path] = None) -> ModelFactory:
     """A factory building SmolLM2 (fp32, fresh weights each call) as a verbalizer classifier for a task.
 
     ``folder`` is a plain Hugging Face model folder; by default the cached asset
@@ -41,5 +40,3 @@ def smollm2_factory(folder: Optional[Path] = None) -> TaskModelFactory:
 
     return build
 
-
-MODEL_FACTORIES: dict[str, Callable[..., TaskModelFactory]] = {"smollm2": smollm2_factory}

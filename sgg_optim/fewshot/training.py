@@ -42,22 +42,20 @@ def apply_lora(model: nn.Module, r: int = 8) -> nn.Module:
     """LoRA adapters on the attention projections (r=8, alpha 16).
 
     A classifier (``classifier`` head) keeps its fresh head trainable; a causal LM scored
-    by label words (a module with ``.lm``, see :mod:`sgg_optim.methods.incontext`) gets
-    the adapters on ``.lm`` and has no head to train.
+    by label words (:class:`~sgg_optim.methods.incontext.VerbalizerLM`) gets the adapters
+    on ``.lm`` (:func:`~sgg_optim.methods.incontext.apply_lora_lm`) and has no head to train.
     """
     from peft import LoraConfig, get_peft_model
 
-    lm = getattr(model, "lm", None)
-    target = lm if isinstance(lm, nn.Module) else model
+    from ..methods.incontext import VerbalizerLM, apply_lora_lm
+
+    if isinstance(model, VerbalizerLM):
+        return apply_lora_lm(model, r)
     targets = [n for n in ("query", "value", "q_proj", "v_proj")
-               if any(name.endswith(n) for name, _ in target.named_modules())]
-    if target is model:
-        cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=targets,
-                         modules_to_save=["classifier"], task_type="SEQ_CLS")
-        return get_peft_model(model, cfg)
-    cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM")
-    model.lm = get_peft_model(lm, cfg)
-    return model
+               if any(name.endswith(n) for name, _ in model.named_modules())]
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=targets,
+                     modules_to_save=["classifier"], task_type="SEQ_CLS")
+    return get_peft_model(model, cfg)
 
 
 @dataclass
