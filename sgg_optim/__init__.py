@@ -9,8 +9,7 @@ from .config import GuidanceConfig
 from .optimizer import GuidedOptimizer
 from .integrations.bitsandbytes import GuidedAdamW8bit, GuidedPagedAdamW8bit
 from .reference import Reference, capture_reference
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "GuidanceConfig",

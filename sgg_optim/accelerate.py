@@ -18,7 +18,9 @@ local shards are summed with one ``all_reduce`` (in :class:`GuidedOptimizer`).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -97,6 +99,7 @@ class GuidancePlugin:
                 setattr(self, name, float(getattr(self, name)))
         if self.reference is None:
             self.reference = os.environ.get(ENV_PREFIX + "REFERENCE", "").strip() or "ema"
+        _warn_unknown_variables()
         try:
             GuidanceConfig(**self.guidance_kwargs())
         except (TypeError, ValueError) as e:
@@ -241,6 +244,22 @@ def _refuse_deepspeed(optimizer: Any, accelerator: Any) -> None:
             "GuidedOptimizer does not support DeepSpeed (ZeRO partitions gradients outside "
             "param.grad, so the guidance statistics would be wrong): use DDP or FSDP2 "
             "(see docs/distributed.md)")
+
+
+# SGG_* variables that are not guidance settings: the few-shot tooling's cache folder.
+_OTHER_VARIABLES = ("SGG_OPTIM_CACHE", "SGG_OPTIM_OFFLINE")
+
+
+def _warn_unknown_variables() -> None:
+    """Warn once per plugin about ``SGG_*`` variables that set nothing (a typo such as
+    ``SGG_MAXANGLE`` would otherwise be silently ignored), naming the closest valid one."""
+    known = [ENV_PREFIX + n.upper() for n in (*_DEFAULTS, "reference")]
+    for var in sorted(os.environ):
+        if var.startswith(ENV_PREFIX) and var not in known and var not in _OTHER_VARIABLES:
+            close = difflib.get_close_matches(var, known, n=1)
+            hint = f"; did you mean {close[0]}?" if close else f" (valid: {', '.join(known)})"
+            warnings.warn(f"environment variable {var} is not a guidance setting and is ignored{hint}",
+                          UserWarning, stacklevel=3)
 
 
 def _convert(var: str, raw: str, kind: type) -> Any:

@@ -3,7 +3,8 @@
 Everything in it is a tensor or a primitive, so ``torch.load(weights_only=True)``
 reads it. A checkpoint is only loaded into an optimizer whose guidance state has the
 same shape: same scope and reference storage, same kind and number of references,
-same parameter layout. Checks run before anything changes.
+same parameter layout. Every field is checked (presence, type, shape, dtype) before
+anything changes, and a mismatch raises ``ValueError`` naming the field.
 """
 
 from __future__ import annotations
@@ -14,30 +15,63 @@ from torch import Tensor
 
 from .config import STRUCTURAL_FIELDS, GuidanceConfig
 from .sharding import local_shard
+from .state import BlockState, GuidanceState
 from .storage import Store, store_from_state
 
 CHECKPOINT_FORMAT = 1
+FIELDS = ("format", "config", "reference", "num_sources", "layout", "accepted", "skipped",
+          "norm_ema", "norm_count", "align_ema", "refs")
 
 
-def pack_references(ema: dict[Tensor, Store], sources: dict[Tensor, list[Optional[Store]]],
-                    index: dict[Tensor, int]) -> dict[int, dict[str, dict[str, Tensor]]]:
-    """``{param index: {"ema" | "source<j>": store tensors}}`` (the tensors, not copies)."""
+def pack_guidance(state: GuidanceState, config: GuidanceConfig, reference_mode: str,
+                  layout: list[list[int]]) -> dict[str, Any]:
+    """The ``"guidance"`` entry of a state dict (the state's tensors, not copies)."""
+    blocks = state.blocks
     refs: dict[int, dict[str, dict[str, Tensor]]] = {}
-    for p, store in ema.items():
-        refs.setdefault(index[p], {})["ema"] = store.state()
-    for p, stores in sources.items():
+    for i, store in state.ema.items():
+        refs.setdefault(i, {})["ema"] = store.state()
+    for i, stores in state.sources.items():
         for j, s in enumerate(stores):
             if s is not None:
-                refs.setdefault(index[p], {})[f"source{j}"] = s.state()
-    return refs
+                refs.setdefault(i, {})[f"source{j}"] = s.state()
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "config": config.as_dict(),
+        "reference": reference_mode,
+        "num_sources": state.num_sources,
+        "layout": layout,
+        "accepted": state.accepted,
+        "skipped": state.skipped,
+        "norm_ema": None if blocks is None else blocks.norm_ema,
+        "norm_count": None if blocks is None else blocks.norm_count,
+        "align_ema": None if blocks is None else blocks.align_ema,
+        "refs": refs,
+    }
 
 
-def check_compatible(saved: dict[str, Any], config: GuidanceConfig, reference_mode: str, num_sources: int,
+def _field(name: str) -> str:
+    return f"state_dict['guidance'][{name!r}]"
+
+
+def _count(saved: dict[str, Any], name: str) -> int:
+    value = saved[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{_field(name)} must be a non-negative int, got {value!r}")
+    return value
+
+
+def check_compatible(saved: Any, config: GuidanceConfig, reference_mode: str, num_sources: int,
                      layout: list[list[int]], describe: Callable[[int], str]) -> None:
     """Raise ``ValueError`` naming the first way ``saved`` cannot be resumed here."""
-    if saved.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"state_dict['guidance'] has format {saved.get('format')!r}, "
-                         f"expected {CHECKPOINT_FORMAT}")
+    if not isinstance(saved, dict):
+        raise ValueError(f"state_dict['guidance'] must be a dict, got {type(saved).__name__}")
+    missing = [f for f in FIELDS if f not in saved]
+    if missing:
+        raise ValueError(f"state_dict['guidance'] has no {missing[0]!r} field (fields: {sorted(saved)})")
+    if saved["format"] != CHECKPOINT_FORMAT:
+        raise ValueError(f"{_field('format')} is {saved['format']!r}, expected {CHECKPOINT_FORMAT}")
+    if not isinstance(saved["config"], dict):
+        raise ValueError(f"{_field('config')} must be a dict, got {type(saved['config']).__name__}")
     mine = config.as_dict()
     for field in STRUCTURAL_FIELDS:
         if saved["config"].get(field) != mine[field]:
@@ -45,33 +79,61 @@ def check_compatible(saved: dict[str, Any], config: GuidanceConfig, reference_mo
                              f"this optimizer has {field}={mine[field]!r}")
     if (saved["reference"], saved["num_sources"]) != (reference_mode, num_sources):
         raise ValueError(f"state_dict guides toward reference={saved['reference']!r} with "
-                         f"{saved['num_sources']} source(s); this optimizer uses {reference_mode!r} "
+                         f"{saved['num_sources']!r} source(s); this optimizer uses {reference_mode!r} "
                          f"with {num_sources}: build it with the same kind of reference")
-    if saved["layout"] != layout:
-        if len(saved["layout"]) != len(layout):
-            raise ValueError(f"state_dict covers {len(saved['layout'])} parameters, "
-                             f"this optimizer has {len(layout)}")
-        i = next(i for i, (x, y) in enumerate(zip(saved["layout"], layout)) if x != y)
-        raise ValueError(f"state_dict parameter #{i} has shape {tuple(saved['layout'][i])}, "
+    saved_layout = saved["layout"]
+    if not isinstance(saved_layout, list) or not all(isinstance(s, list) for s in saved_layout):
+        raise ValueError(f"{_field('layout')} must be a list of shapes, got {type(saved_layout).__name__}")
+    if saved_layout != layout:
+        if len(saved_layout) != len(layout):
+            raise ValueError(f"state_dict covers {len(saved_layout)} parameters, this optimizer has {len(layout)}")
+        i = next(i for i, (x, y) in enumerate(zip(saved_layout, layout)) if x != y)
+        raise ValueError(f"state_dict parameter #{i} has shape {tuple(saved_layout[i])}, "
                          f"this optimizer's is {describe(i)}")
+    _count(saved, "accepted")
+    _count(saved, "skipped")
 
 
-def unpack_references(saved_refs: dict[Any, dict[str, dict[str, Tensor]]], params: list[Tensor],
-                      num_sources: int, storage: str, describe: Callable[[int], str],
-                      ) -> tuple[dict[Tensor, Store], dict[Tensor, list[Optional[Store]]]]:
-    """Rebuild the EMA and source stores of :func:`pack_references` on each parameter's device."""
-    ema: dict[Tensor, Store] = {}
-    sources: dict[Tensor, list[Optional[Store]]] = {}
+def unpack_guidance(saved: Any, config: GuidanceConfig, reference_mode: str, num_sources: int,
+                    params: list[Tensor], num_blocks: int, describe: Callable[[int], str]) -> GuidanceState:
+    """The :class:`GuidanceState` of a saved entry, every field checked; ``params`` are the
+    optimizer's parameters in ``param_groups`` order (under FSDP2 each reference fits this
+    rank's local shard). Nothing is changed here: the caller swaps the state in."""
+    check_compatible(saved, config, reference_mode, num_sources, [list(p.shape) for p in params], describe)
+    blocks = BlockState.from_saved(saved, num_blocks, num_sources)
+    ema, sources = _unpack_references(saved["refs"], params, num_sources, reference_mode,
+                                      config.reference_dtype, describe)
+    return GuidanceState(num_sources=num_sources, ema=ema, sources=sources, blocks=blocks,
+                         accepted=saved["accepted"], skipped=saved["skipped"])
+
+
+def _unpack_references(saved_refs: Any, params: list[Tensor], num_sources: int, reference_mode: str,
+                       storage: str, describe: Callable[[int], str],
+                       ) -> tuple[dict[int, Store], dict[int, list[Optional[Store]]]]:
+    """Rebuild the EMA and source stores of :func:`pack_guidance` on each parameter's device."""
+    if not isinstance(saved_refs, dict):
+        raise ValueError(f"{_field('refs')} must be a dict, got {type(saved_refs).__name__}")
+    keys = {"ema"} if reference_mode == "ema" else {f"source{j}" for j in range(num_sources)}
+    ema: dict[int, Store] = {}
+    sources: dict[int, list[Optional[Store]]] = {}
     for i, entry in saved_refs.items():
-        p = params[int(i)]
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(params):
+            raise ValueError(f"{_field('refs')} has parameter index {i!r}; this optimizer has "
+                             f"parameters 0..{len(params) - 1}")
+        if not isinstance(entry, dict) or not set(entry) <= keys:
+            raise ValueError(f"{_field('refs')}[{i}] has entries {sorted(entry) if isinstance(entry, dict) else entry!r}"
+                             f", expected some of {sorted(keys)}")
+        p = local_shard(params[i])
         for key, tensors in entry.items():
-            tensors = {n: t.to(p.device) for n, t in tensors.items()}
             try:
-                store = store_from_state(tensors, local_shard(p).shape, storage)
+                if not isinstance(tensors, dict):
+                    raise ValueError("expected a dict of tensors")
+                store = store_from_state({n: t.to(p.device) if isinstance(t, Tensor) else t
+                                          for n, t in tensors.items()}, p.shape, storage)
             except ValueError as e:
-                raise ValueError(f"state_dict reference '{key}' of parameter {describe(int(i))}: {e}") from e
+                raise ValueError(f"{_field('refs')}[{i}][{key!r}] (parameter {describe(i)}): {e}") from e
             if key == "ema":
-                ema[p] = store
+                ema[i] = store
             else:
-                sources.setdefault(p, [None] * num_sources)[int(key[len("source"):])] = store
+                sources.setdefault(i, [None] * num_sources)[int(key[len("source"):])] = store
     return ema, sources

@@ -19,24 +19,21 @@ written at all.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence, Union
+import math
+from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from .config import GuidanceConfig
-from .rules import DIRECTION_RULES, MAGNITUDE_RULES, BlockStats, alignment_weights, block_validity
+from .rules import DIRECTION_RULES, MAGNITUDE_RULES, BlockStats, Rule, alignment_weights, block_validity
+from .state import BlockState, stats_dtype
 from .storage import Store
 
 Scalar = Union[float, Tensor]
 
 # Index of each reported figure in the packed vector (see Coefficients.figures).
 FIGURES = ("grad_norm", "guided_norm", "cos", "scale", "projected")
-
-
-def stats_dtype(device: torch.device) -> torch.dtype:
-    """float64 for block statistics where the device has it (MPS does not)."""
-    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def tensor_stats(
@@ -125,52 +122,94 @@ def block_stats(
     return sum_blocks(tensor_stats(grads, refs, ref_sqnorms), block_ids, num_blocks)
 
 
+def block_stats_rescaled(
+    grads: Sequence[Tensor],
+    refs: Sequence[Sequence[Optional[Store]]],
+    block_ids: Tensor,
+    num_blocks: int,
+    ref_sqnorms: Union[Tensor, Sequence[Optional[Tensor]], None] = None,
+) -> Tensor:
+    """:func:`block_stats` for finite gradients whose fp32 squares overflow (``|g|`` from
+    about 1e19): computed on copies scaled by a power of two (exact), then scaled back
+    in float64. The rare path behind a non-finite ``|g|^2``; it reads one scalar on the host.
+
+    Example:
+        >>> g = [torch.full((4,), 2.0 ** 70)]  # about 1.2e21
+        >>> block_stats(g, [[]], torch.tensor([0]), 1).item()
+        inf
+        >>> block_stats_rescaled(g, [[]], torch.tensor([0]), 1).item() == 4 * 2.0 ** 140
+        True
+    """
+    amax = max((float(g.abs().max()) for g in grads if g.numel()), default=0.0)
+    exponent = math.frexp(amax)[1] if amax > 0 and math.isfinite(amax) else 0
+    scaled = [torch.ldexp(g.float(), torch.tensor(-exponent, device=g.device)) for g in grads]
+    stats = block_stats(scaled, refs, block_ids, num_blocks, ref_sqnorms)
+    k = (stats.shape[1] - 1) // 2
+    stats[:, 0] *= 2.0 ** (2 * exponent)
+    stats[:, 1:1 + k] *= 2.0 ** exponent
+    return stats
+
+
 def _known(sqnorms: Optional[Tensor], k: int, device: torch.device) -> Tensor:
     """A tensor's cached ``|r_i|^2`` (zeros where it has no reference)."""
     return torch.zeros(k, device=device) if sqnorms is None else sqnorms.to(device)
 
 
 class Coefficients(NamedTuple):
-    """Per-block scalars of one guidance step, and the state it would commit.
+    """Per-block scalars of one guidance step.
 
-    ``g <- a g + sum_i b[:, i] r_i``. ``norm`` is each block's final norm (what the
-    magnitude EMA is fed), ``alignment`` the updated smoothed cosines with each source,
-    ``weights`` the source weights. ``figures`` packs :data:`FIGURES` then the mean
-    (bias-corrected) alignment and weight of each source.
+    ``g <- a g + sum_i b[:, i] r_i``; ``weights`` are the source weights. ``figures``
+    packs :data:`FIGURES` then the mean (bias-corrected) alignment and weight of each
+    source. ``finite`` is a 0-dim device flag: the statistics were finite (the new
+    state returned beside these coefficients already ignores a non-finite step).
     """
 
     a: Tensor
     b: Tensor
-    norm: Tensor
-    alignment: Tensor
     weights: Tensor
     figures: Tensor
+    finite: Tensor
+
+
+def _rule(registry: dict[str, Rule], name: str, cfg: GuidanceConfig) -> tuple[Any, tuple[Any, ...]]:
+    rule = registry[name]
+    return rule.fn, tuple(getattr(cfg, arg) for arg in rule.args)
 
 
 def guidance_coefficients(
     stats: Tensor,
+    state: BlockState,
     cfg: GuidanceConfig,
     *,
     direction_on: bool,
-    norm_ema: Tensor,
-    norm_count: Tensor,
-    align_ema: Tensor,
     gram: Optional[Tensor] = None,
-) -> Coefficients:
-    """Coefficients of the guided update from block statistics (pure, no host sync).
+) -> tuple[Coefficients, BlockState]:
+    """Coefficients of the guided update and the new block state (pure, no host sync).
 
     ``stats`` comes from :func:`block_stats` with ``k`` references. With one reference it
     is used as is; with several (docs/method.md), the reference is
-    ``r = sum_i w_i r_i/|r_i|`` with weights from the alignment EMA (``align_ema``,
-    ``[B, k]``, smoothed with ``ema_beta``), and ``gram`` (``[B, k, k]``,
-    ``<r_i, r_j>`` per block) gives ``|r|^2``. ``norm_ema``/``norm_count`` are the
-    magnitude EMA (``norm_beta``) and its per-block number of updates.
-    ``direction_on`` is False during the EMA reference's warm-up.
+    ``r = sum_i w_i r_i/|r_i|`` with weights from the alignment EMA (smoothed with
+    ``ema_beta``), and ``gram`` (``[B, k, k]``, ``<r_i, r_j>`` per block) gives
+    ``|r|^2``. ``state`` holds the magnitude EMA (``norm_beta``), its per-block count
+    and the alignment EMA; the returned state has been fed this step, only in blocks
+    with a gradient and only if the statistics are finite. ``direction_on`` is False
+    during the EMA reference's warm-up.
+
+    Example:
+        >>> from sgg_optim.config import GuidanceConfig
+        >>> state = BlockState.zeros(1, 1, torch.device("cpu"))
+        >>> stats = torch.tensor([[4.0, -2.0, 1.0]], dtype=torch.float64)  # |g|^2, <g,r>, |r|^2
+        >>> coef, new = guidance_coefficients(stats, state, GuidanceConfig(direction="project"),
+        ...                                   direction_on=True)
+        >>> coef.a.tolist(), coef.b.tolist(), new.norm_count.tolist()
+        ([1.0], [[2.0]], [1.0])
     """
     gg = stats[:, 0]
     k = (stats.shape[1] - 1) // 2
     d, rr = stats[:, 1:1 + k], stats[:, 1 + k:]
-    seen = gg > 0
+    finite = torch.isfinite(gg.sum())
+    seen = (gg > 0) & finite
+    norm_ema, norm_count, align_ema = state
     count = norm_count + seen.to(norm_count.dtype)
 
     if k == 0 or not direction_on:
@@ -196,13 +235,15 @@ def guidance_coefficients(
         rr_r = torch.einsum("bi,bij,bj->b", coef, gram, coef)
 
     valid = block_validity(gg, rr_r)
-    direction = DIRECTION_RULES[cfg.direction](BlockStats(gg, d_r, rr_r, valid), cfg)
+    rule, args = _rule(DIRECTION_RULES, cfg.direction, cfg)
+    direction = rule(BlockStats(gg, d_r, rr_r, valid), *args)
     a, b = direction.a, direction.b
     norm = (a * a * gg + 2 * a * b * d_r + b * b * rr_r).clamp_min(0).sqrt()
 
     ready = seen & (norm_count >= max(cfg.warmup_steps, 1))
     ema_hat = norm_ema / (1 - cfg.norm_beta ** norm_count).clamp_min(1e-12)
-    scale = MAGNITUDE_RULES[cfg.magnitude](norm, ema_hat, ready, cfg)
+    rule, args = _rule(MAGNITUDE_RULES, cfg.magnitude, cfg)
+    scale = rule(norm, ema_hat, ready, *args)
     final_norm = scale * norm
 
     total_gg = gg.sum()
@@ -217,7 +258,14 @@ def guidance_coefficients(
         smoothed.mean(0) if smoothed is not None else _global_cos(d_r, gg, rr_r, valid).reshape(1),
         weights.mean(0),
     ])
-    return Coefficients(scale * a, (scale * b).unsqueeze(1) * coef, final_norm, alignment, weights, figures)
+    beta = cfg.norm_beta
+    new_state = BlockState(
+        norm_ema=torch.where(seen, beta * norm_ema + (1 - beta) * final_norm, norm_ema),
+        norm_count=count,
+        align_ema=torch.where(seen.unsqueeze(1), alignment, align_ema) if k > 1 else align_ema,
+    )
+    coefficients = Coefficients(scale * a, (scale * b).unsqueeze(1) * coef, weights, figures, finite)
+    return coefficients, new_state
 
 
 def _global_cos(d: Tensor, gg: Tensor, rr: Tensor, valid: Tensor) -> Tensor:

@@ -7,6 +7,8 @@ forwarded, never copied, so LR schedulers and ``accelerate.prepare()`` keep work
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
 import os
 import warnings
@@ -17,11 +19,13 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .checkpoint import CHECKPOINT_FORMAT, check_compatible, pack_references, unpack_references
+from .checkpoint import pack_guidance, unpack_guidance
 from .config import GuidanceConfig
-from .functional import FIGURES, apply_guidance_, block_stats, guidance_coefficients, stats_dtype
+from .functional import (FIGURES, Coefficients, apply_guidance_, block_stats, block_stats_rescaled,
+                         guidance_coefficients)
 from .reference import Reference, param_names
 from .sharding import local_shard, shard_group
+from .state import BlockState, GuidanceState
 from .storage import Store, zeros_store
 
 ReferenceSpec = Union[str, Reference, Sequence[Reference]]
@@ -55,14 +59,18 @@ class GuidedOptimizer(Optimizer):
             raise TypeError(f"base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer).__name__}")
         if isinstance(base_optimizer, GuidedOptimizer):
             raise TypeError("base_optimizer is already a GuidedOptimizer")
+        if _needs_closure(base_optimizer):
+            # LBFGS re-evaluates the loss inside its step: the gradients it steps on are
+            # ones guidance never saw, so wrapping it would guide nothing.
+            raise TypeError(f"{type(base_optimizer).__name__}.step requires a closure that re-evaluates the "
+                            "loss; guidance rewrites the gradients once before the step, so optimizers that "
+                            "recompute them inside step() (LBFGS) cannot be guided")
         if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
             # ZeRO hands the optimizer flat per-rank partitions instead of param.grad:
             # the statistics would be one rank's, so refuse rather than guide wrongly.
             raise NotImplementedError("GuidedOptimizer does not support DeepSpeed (this process was launched with "
                                       "ACCELERATE_USE_DEEPSPEED=true); use DDP or FSDP2, see docs/distributed.md")
-        unknown = sorted(set(guidance) - GuidanceConfig.keywords())
-        if unknown:
-            raise TypeError(f"unknown guidance keyword(s) {unknown}; valid: {sorted(GuidanceConfig.keywords())}")
+        check_keywords(guidance, "GuidedOptimizer")
         self.config = GuidanceConfig(**guidance)
         self.base_optimizer = base_optimizer
         for name in ("step_pre", "step_post", "state_dict_pre", "state_dict_post",
@@ -70,16 +78,8 @@ class GuidedOptimizer(Optimizer):
             setattr(self, f"_optimizer_{name}_hooks", OrderedDict())
         self._patch_step_function()
         self._ref_names: dict[Tensor, str] = {}  # names learnt from bound references, for messages
-        self._check_params()
-        self._accepted = self._skipped = 0
-        self._ema: dict[Tensor, Store] = {}
-        self._sources: dict[Tensor, list[Optional[Store]]] = {}
-        self._source_sqnorms: dict[Tensor, Tensor] = {}
-        self._num_sources = 0
-        self._gram: Optional[Tensor] = None
-        self._norm_ema: Optional[Tensor] = None
-        self._norm_count: Optional[Tensor] = None
-        self._align_ema: Optional[Tensor] = None
+        self._check_params([p for _, p in self._flat_params()])
+        self._guidance = GuidanceState()
         self._figures: Union[Tensor, list[float], None] = None
         self._ids_cache: Optional[tuple[Any, Tensor]] = None
         self.set_reference(reference)
@@ -117,9 +117,13 @@ class GuidedOptimizer(Optimizer):
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Forward to the base optimizer; the new parameters are guided too."""
+        """Check the new parameters, then forward to the base optimizer; they are guided
+        too (a rejected group is never forwarded, so the optimizer stays as it was)."""
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        param_group = {**param_group, "params": params}
+        self._check_params([p[1] if isinstance(p, tuple) else p for p in params])
         self.base_optimizer.add_param_group(param_group)
-        self._check_params()
 
     def __getstate__(self) -> dict[str, Any]:
         return self.__dict__
@@ -150,10 +154,11 @@ class GuidedOptimizer(Optimizer):
         where = f"'{names[p]}'" if p in names else f"param_groups[{gi}] parameter #{index}"
         return f"{where} (shape {tuple(p.shape)})"
 
-    def _check_params(self) -> None:
-        for i, (_, p) in enumerate(self._flat_params()):
-            if p.is_complex():
-                raise ValueError(f"parameter {self._describe(i)} is complex; guidance supports real parameters only")
+    def _check_params(self, params: Sequence[Tensor]) -> None:
+        for p in params:
+            if isinstance(p, Tensor) and p.is_complex():
+                raise ValueError(f"a parameter of shape {tuple(p.shape)} is complex; guidance supports real "
+                                 "parameters only (view it as real with torch.view_as_real, or leave it out)")
 
     def _guided(self) -> list[tuple[int, int, Tensor]]:
         """(flat index, block, param) of parameters that have a gradient this step."""
@@ -164,25 +169,17 @@ class GuidedOptimizer(Optimizer):
             if p.grad.is_sparse or p.grad.layout != torch.strided:
                 raise ValueError(f"parameter {self._describe(i)} has a sparse gradient; "
                                  "guidance needs dense gradients")
+            if p.grad.device.type == "meta":
+                raise ValueError(f"parameter {self._describe(i)} is on the meta device (no data): materialise "
+                                 "the model (e.g. model.to_empty(device=...) and initialise it) before stepping")
             out.append((i, self._block_of(i, gi), p))
         return out
-
-    def _block_state(self, device: torch.device, num_blocks: int) -> None:
-        """Create or grow (after add_param_group) the per-block EMAs on ``device``."""
-        dtype, k = stats_dtype(device), max(self._num_sources, 1)
-        fresh = {"_norm_ema": (num_blocks,), "_norm_count": (num_blocks,), "_align_ema": (num_blocks, k)}
-        for name, shape in fresh.items():
-            old = getattr(self, name)
-            new = torch.zeros(shape, device=device, dtype=dtype)
-            if old is not None:
-                new[: old.shape[0]] = old.to(device, dtype)
-            setattr(self, name, new)
 
     # -- references ---------------------------------------------------------------------
     @property
     def reference_mode(self) -> str:
         """``"ema"`` or ``"sources"``."""
-        return "sources" if self._num_sources else "ema"
+        return "sources" if self._guidance.num_sources else "ema"
 
     def set_reference(self, reference: ReferenceSpec) -> None:
         """Guide toward ``reference``: ``"ema"``, a :class:`Reference`, or a list of them.
@@ -190,14 +187,13 @@ class GuidedOptimizer(Optimizer):
         Every parameter that requires grad must be in each reference with its shape
         (a ``ValueError`` names the first that is not, and nothing changes). References
         are stored as ``reference_dtype``; a reference whose values are not finite
-        switches direction guidance off for the blocks it covers. Resets the
-        alignment statistics.
+        switches direction guidance off for the blocks it covers. Restarts the
+        alignment statistics; the magnitude statistics and step count carry on.
         """
         if isinstance(reference, str):
             if reference != "ema":
                 raise ValueError(f"reference must be 'ema', a Reference or a list of them, got {reference!r}")
-            self._sources, self._source_sqnorms, self._num_sources, self._gram = {}, {}, 0, None
-            self._align_ema = None
+            self._guidance = self._guidance.with_sources({}, 0)
             return
         refs = [reference] if isinstance(reference, Reference) else list(reference)
         if not refs or not all(isinstance(r, Reference) for r in refs):
@@ -211,11 +207,9 @@ class GuidedOptimizer(Optimizer):
                 for j, ref in enumerate(refs):
                     ref.check_covers(p, names.get(p), self._describe(i), source=j)
         storage = self.config.reference_dtype
-        stores: dict[Tensor, list[Optional[Store]]] = {}
-        for _, p in flat:
-            if p.requires_grad:
-                stores[p] = [ref.store_for(p, names.get(p), storage) for ref in refs]
-        self._sources, self._num_sources, self._align_ema = stores, len(refs), None
+        stores = {i: [ref.store_for(p, names.get(p), storage) for ref in refs]
+                  for i, (_, p) in enumerate(flat) if p.requires_grad}
+        self._guidance = self._guidance.with_sources(stores, len(refs))
         self._prepare_sources()
 
     def _prepare_sources(self) -> None:
@@ -224,33 +218,33 @@ class GuidedOptimizer(Optimizer):
         Runs once per reference change (it reads a few scalars on the host and, under
         FSDP2, sums the Gram matrix over the shards: fine here, never in ``step()``).
         """
-        k = self._num_sources
-        index = {p: (i, gi) for i, (gi, p) in enumerate(self._flat_params())}
+        st = self._guidance
+        k = st.num_sources
+        flat = self._flat_params()
         gram = torch.zeros(self._num_blocks(), k, k, dtype=torch.float64)
         block_of, local_gram = {}, {}
-        for p, stores in self._sources.items():
-            block_of[p] = self._block_of(*index[p])
+        for i, stores in st.sources.items():
+            block_of[i] = self._block_of(i, flat[i][0])
             dense = [s.dense() if s is not None else None for s in stores]
             g = torch.zeros(k, k, dtype=torch.float64)
             for a, b in ((a, b) for a in range(k) for b in range(a, k)):
                 if dense[a] is not None and dense[b] is not None:
                     g[a, b] = g[b, a] = stores[a].dot(dense[b]).double().cpu()  # type: ignore[union-attr]
-            local_gram[p] = g
-            gram[block_of[p]] += g
-        group = shard_group(list(self._sources))
+            local_gram[i] = g
+            gram[block_of[i]] += g
+        group = shard_group([flat[i][1] for i in st.sources])
         if group is not None:  # each rank summed its shards only
-            device = local_shard(next(iter(self._sources))).device
+            device = local_shard(flat[next(iter(st.sources))][1]).device
             summed = gram.to(device)
             torch.distributed.all_reduce(summed, group=group)
             gram = summed.cpu()
         bad = ~torch.isfinite(gram.diagonal(dim1=1, dim2=2))  # [B, k]: a non-finite source
-        for p, stores in self._sources.items():
+        for i, stores in st.sources.items():
             for j in range(k):
-                if bad[block_of[p], j]:
+                if bad[block_of[i], j]:
                     stores[j] = None
-        self._gram = torch.where(torch.isfinite(gram), gram, torch.zeros_like(gram))
-        self._source_sqnorms = {p: torch.where(bad[block_of[p]], 0.0, local_gram[p].diagonal())
-                                for p in self._sources}
+        st.gram = torch.where(torch.isfinite(gram), gram, torch.zeros_like(gram))
+        st.source_sqnorms = {i: torch.where(bad[block_of[i]], 0.0, local_gram[i].diagonal()) for i in st.sources}
 
     # -- the step -------------------------------------------------------------------------
     @torch.no_grad()
@@ -268,12 +262,12 @@ class GuidedOptimizer(Optimizer):
         cfg = self.config
         if cfg.direction == "off" and cfg.magnitude == "off" and cfg.nonfinite == "propagate":
             self.base_optimizer.step()
-            self._accepted += 1
+            self._guidance.accepted += 1
             return loss
         guided = self._guided()
         if not guided:
             self.base_optimizer.step()
-            self._accepted += 1
+            self._guidance.accepted += 1
             return loss
         if self._guide(guided):
             self.base_optimizer.step()
@@ -281,67 +275,93 @@ class GuidedOptimizer(Optimizer):
 
     def _guide(self, guided: list[tuple[int, int, Tensor]]) -> bool:
         """Rewrite the gradients in place; False if the step must be skipped."""
-        cfg = self.config
+        cfg, st = self.config, self._guidance
+        index = [i for i, _, _ in guided]
         params = [p for _, _, p in guided]
         group = shard_group([p.grad for p in params])  # FSDP2: statistics are summed over it
         grads = [local_shard(p.grad) for p in params]  # FSDP2: this rank's shard; stats are partial sums
         device = grads[0].device
         num_blocks = self._num_blocks()
-        if self._norm_ema is None or self._norm_ema.shape[0] != num_blocks or self._norm_ema.device != device:
-            self._block_state(device, num_blocks)
+        blocks = st.block_state(num_blocks, device)
         block_ids = self._device_block_ids(tuple(b for _, b, _ in guided), device)
 
-        sources = self.reference_mode == "sources"
+        sources = st.num_sources > 0
         use_ema = not sources and cfg.direction != "off"
         if use_ema:
-            for p in params:
-                if p not in self._ema:
-                    self._ema[p] = zeros_store(local_shard(p), cfg.reference_dtype)
-        direction_on = cfg.direction != "off" and (sources or self._accepted >= cfg.warmup_steps)
+            for i, p in zip(index, params):
+                if i not in st.ema:
+                    st.ema[i] = zeros_store(local_shard(p), cfg.reference_dtype)
+        direction_on = cfg.direction != "off" and (sources or st.accepted >= cfg.warmup_steps)
         if not direction_on:
             refs: list[list[Optional[Store]]] = [[] for _ in params]
             sqnorms = None
         elif sources:
-            refs = [self._sources.get(p, [None] * self._num_sources) for p in params]
-            sqnorms = [self._source_sqnorms.get(p) for p in params]
+            refs = [st.sources.get(i, [None] * st.num_sources) for i in index]
+            sqnorms = [st.source_sqnorms.get(i) for i in index]
         else:
-            refs, sqnorms = [[self._ema[p]] for p in params], None
+            refs, sqnorms = [[st.ema[i]] for i in index], None
+        gram = self._device_gram(device) if (sources and st.num_sources > 1) else None
 
-        stats = self._reduce_stats(block_stats(grads, refs, block_ids, num_blocks, sqnorms), group)
-        gram = self._device_gram(device, stats.dtype) if (sources and self._num_sources > 1) else None
-        coef = guidance_coefficients(stats, cfg, direction_on=direction_on, norm_ema=self._norm_ema,
-                                     norm_count=self._norm_count, align_ema=self._align_ema, gram=gram)
+        def coefficients(stats_fn: Callable[..., Tensor]) -> tuple[Tensor, Coefficients, BlockState]:
+            stats = self._reduce_stats(stats_fn(grads, refs, block_ids, num_blocks, sqnorms), group)
+            return (stats, *guidance_coefficients(stats, blocks, cfg, direction_on=direction_on,
+                                                  gram=None if gram is None else gram.to(stats.dtype)))
+
+        stats, coef, new_blocks = coefficients(block_stats)
         k = coef.b.shape[1]
         if cfg.nonfinite == "propagate":
             a_blocks: Any = coef.a.float()
             b_blocks: Any = coef.b.float()
             a = list(a_blocks[block_ids].unbind())
             b = [list(row.unbind()) for row in b_blocks[block_ids]]
-            finite = torch.isfinite(stats[:, 0].sum())
             self._figures = coef.figures
         else:
             # The step's one host read: finiteness, coefficients and figures together.
-            host = torch.cat([stats[:, 0].sum().reshape(1), coef.a, coef.b.flatten(), coef.figures]).tolist()
+            host = self._host_read(stats, coef)
             if not math.isfinite(host[0]):
-                self._figures = None
-                if cfg.nonfinite == "raise":
-                    bad = next(i for i, _, p in guided if not bool(torch.isfinite(p.grad).all()))
-                    raise FloatingPointError(f"non-finite gradient in parameter {self._describe(bad)} "
-                                             f"at step {self._accepted + self._skipped + 1} (nonfinite='raise')")
-                self._skipped += 1
-                return False
+                bad = self._first_nonfinite(guided, group)  # rare path: host reads are fine here
+                if bad is None:
+                    # Finite gradients whose fp32 squares overflow (|g| >~ 1e19): recompute exactly.
+                    stats, coef, new_blocks = coefficients(block_stats_rescaled)
+                    host = self._host_read(stats, coef)
+                else:
+                    self._figures = None
+                    if cfg.nonfinite == "raise":
+                        where = "another rank's shard" if bad < 0 else f"parameter {self._describe(bad)}"
+                        raise FloatingPointError(f"non-finite gradient in {where} at step "
+                                                 f"{st.accepted + st.skipped + 1} (nonfinite='raise')")
+                    st.skipped += 1
+                    return False
             a_host, b_host = host[1:1 + num_blocks], host[1 + num_blocks:1 + num_blocks * (1 + k)]
+            if not all(map(math.isfinite, a_host + b_host)):
+                self._figures = None
+                raise FloatingPointError(f"guidance coefficients are not finite although the gradients are, at step "
+                                         f"{st.accepted + st.skipped + 1}: nothing was changed; check the guidance "
+                                         f"settings ({self.config})")
             self._figures = host[1 + num_blocks * (1 + k):]
             a = [a_host[blk] for _, blk, _ in guided]
             b = [b_host[blk * k:(blk + 1) * k] for _, blk, _ in guided]
-            finite = None
 
-        ema_refs = [self._ema[p] for p in params] if use_ema else None
+        ema_refs = [st.ema[i] for i in index] if use_ema else None
         if direction_on or cfg.magnitude != "off" or use_ema:
             apply_guidance_(grads, refs, a, b, ema_refs, 1.0 - cfg.ema_beta)
-        self._commit(stats[:, 0], coef, finite)
-        self._accepted += 1
+        st.blocks = new_blocks
+        st.accepted += 1
         return True
+
+    @staticmethod
+    def _host_read(stats: Tensor, coef: Coefficients) -> list[float]:
+        return torch.cat([stats[:, 0].sum().reshape(1), coef.a, coef.b.flatten(), coef.figures]).tolist()
+
+    def _first_nonfinite(self, guided: list[tuple[int, int, Tensor]], group: Any) -> Optional[int]:
+        """Flat index of the first parameter with a non-finite gradient, -1 if only another
+        rank's shard has one (FSDP2: every rank must take the same branch), else None."""
+        bad = next((i for i, _, p in guided if not bool(torch.isfinite(local_shard(p.grad)).all())), None)
+        if group is None:
+            return bad
+        flag = torch.tensor([0.0 if bad is None else 1.0], device=local_shard(guided[0][2].grad).device)
+        torch.distributed.all_reduce(flag, group=group)
+        return bad if bad is not None else (-1 if flag.item() > 0 else None)
 
     def _device_block_ids(self, ids: tuple[int, ...], device: torch.device) -> Tensor:
         """Block index of each guided tensor, kept on the device: no host-to-device copy
@@ -351,21 +371,12 @@ class GuidedOptimizer(Optimizer):
             cached = self._ids_cache = ((ids, device), torch.tensor(ids, device=device))
         return cached[1]
 
-    def _device_gram(self, device: torch.device, dtype: torch.dtype) -> Tensor:
-        assert self._gram is not None
-        if self._gram.device != device or self._gram.dtype != dtype:
-            self._gram = self._gram.to(device, dtype)
-        return self._gram
-
-    def _commit(self, gg: Tensor, coef: Any, finite: Optional[Tensor]) -> None:
-        """Feed the EMAs of blocks that had a gradient (guarded with ``where`` when no
-        host check ran)."""
-        beta = self.config.norm_beta
-        seen = gg > 0 if finite is None else (gg > 0) & finite
-        self._norm_ema = torch.where(seen, beta * self._norm_ema + (1 - beta) * coef.norm, self._norm_ema)
-        self._norm_count = self._norm_count + seen.to(self._norm_count.dtype)
-        if self._num_sources > 1:
-            self._align_ema = torch.where(seen.unsqueeze(1), coef.alignment, self._align_ema)
+    def _device_gram(self, device: torch.device) -> Tensor:
+        st = self._guidance
+        assert st.gram is not None
+        if st.gram.device != device:
+            st.gram = st.gram.to(device)
+        return st.gram
 
     def _reduce_stats(self, stats: Tensor, group: Any) -> Tensor:
         """Sum partial statistics over shards; the identity for unsharded gradients.
@@ -390,7 +401,8 @@ class GuidedOptimizer(Optimizer):
 
         Cheap: read in the step's own host sync, or once on first access.
         """
-        out: dict[str, Any] = {"step": self._accepted + self._skipped, "skipped": self._skipped}
+        st = self._guidance
+        out: dict[str, Any] = {"step": st.accepted + st.skipped, "skipped": st.skipped}
         figures = self._figures
         if figures is None:
             return out
@@ -407,27 +419,16 @@ class GuidedOptimizer(Optimizer):
         """The base optimizer's state dict plus a ``"guidance"`` entry (tensors and
         primitives only, so ``torch.load(weights_only=True)`` reads it)."""
         state = self.base_optimizer.state_dict()
-        index = {p: i for i, (_, p) in enumerate(self._flat_params())}
-        state["guidance"] = {
-            "format": CHECKPOINT_FORMAT,
-            "config": self.config.as_dict(),
-            "reference": self.reference_mode,
-            "num_sources": self._num_sources,
-            "layout": [list(p.shape) for _, p in self._flat_params()],
-            "accepted": self._accepted,
-            "skipped": self._skipped,
-            "norm_ema": self._norm_ema,
-            "norm_count": self._norm_count,
-            "align_ema": self._align_ema,
-            "refs": pack_references(self._ema, self._sources, index),
-        }
+        state["guidance"] = pack_guidance(self._guidance, self.config, self.reference_mode,
+                                          [list(p.shape) for _, p in self._flat_params()])
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
-        """Load a :meth:`state_dict`. The guidance entry is fully checked (format, scope,
-        reference storage and kind, parameter layout) before anything changes; a
-        mismatch raises ``ValueError`` naming it. A plain base-optimizer state dict
-        loads with a warning and leaves the guidance state as it is."""
+        """Load a :meth:`state_dict`. Every field of the guidance entry is checked (format,
+        scope, reference storage and kind, parameter layout, each tensor's presence, shape
+        and dtype) before anything changes; a mismatch raises ``ValueError`` naming it. A
+        plain base-optimizer state dict loads with a warning and leaves the guidance
+        state as it is."""
         state_dict = dict(state_dict)
         saved = state_dict.pop("guidance", None)
         if saved is None:
@@ -435,22 +436,29 @@ class GuidedOptimizer(Optimizer):
                           "loading the base optimizer state; the guidance state is kept as it is", stacklevel=2)
             self.base_optimizer.load_state_dict(state_dict)
             return
-        loaded = self._parse_guidance(saved)
+        flat = self._flat_params()
+        loaded = unpack_guidance(saved, self.config, self.reference_mode, self._guidance.num_sources,
+                                 [p for _, p in flat], self._num_blocks(), self._describe)
         self.base_optimizer.load_state_dict(state_dict)
-        for key, value in loaded.items():
-            setattr(self, key, value)
-        if self._num_sources:
+        self._guidance = loaded
+        if loaded.num_sources:
             self._prepare_sources()
 
-    def _parse_guidance(self, saved: dict[str, Any]) -> dict[str, Any]:
-        """Validate a saved guidance entry and build the attributes it restores."""
-        flat = self._flat_params()
-        check_compatible(saved, self.config, self.reference_mode, self._num_sources,
-                         [list(p.shape) for _, p in flat], self._describe)
-        ema, sources = unpack_references(saved["refs"], [p for _, p in flat], saved["num_sources"],
-                                         self.config.reference_dtype, self._describe)
-        return {
-            "_accepted": int(saved["accepted"]), "_skipped": int(saved["skipped"]),
-            "_norm_ema": saved["norm_ema"], "_norm_count": saved["norm_count"], "_align_ema": saved["align_ema"],
-            "_ema": ema, "_sources": sources, "_num_sources": saved["num_sources"],
-        }
+
+def _needs_closure(optimizer: Optimizer) -> bool:
+    """True when ``optimizer.step`` has a ``closure`` parameter without a default (LBFGS)."""
+    try:
+        closure = inspect.signature(optimizer.step).parameters.get("closure")
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return False
+    return closure is not None and closure.default is inspect.Parameter.empty
+
+
+def check_keywords(guidance: dict[str, Any], owner: str) -> None:
+    """Raise ``TypeError`` for keywords that are not guidance keywords, naming the closest."""
+    valid = sorted(GuidanceConfig.keywords())
+    unknown = sorted(set(guidance) - set(valid))
+    if unknown:
+        hints = "".join(f"; did you mean {close[0]!r} for {name!r}?"
+                        for name in unknown if (close := difflib.get_close_matches(name, valid, n=1)))
+        raise TypeError(f"{owner} got unknown keyword(s) {unknown}{hints} (guidance keywords: {valid})")

@@ -7,6 +7,7 @@ optimizer can find its reference by parameter identity.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import tempfile
@@ -22,23 +23,23 @@ from torch import Tensor, nn
 from .config import REFERENCE_DTYPES
 from .sharding import ShardSpec, gather, is_sharded, local_slice
 from .storage import INT8_BLOCKSIZE, Store, make_store, store_from_state
+from .version import __version__
 
 PathLike = Union[str, "os.PathLike[str]"]
 _FORMAT_NAME = "sgg-optim-reference"
 _STATE_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "int8": "uint8"}
 
 
-def _library_version() -> str:
-    from . import __version__
-
-    return __version__
-
-
 def _unwrap(model: nn.Module) -> nn.Module:
-    """The module whose parameter names users see (strips DDP's ``module.`` prefix)."""
-    while isinstance(model, nn.parallel.DistributedDataParallel):
-        model = model.module
-    return model
+    """The module whose parameter names users see: strips DDP's ``module.`` and
+    ``torch.compile``'s ``_orig_mod.`` prefixes, however nested."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
 
 
 def local_device(t: Tensor) -> torch.device:
@@ -174,7 +175,7 @@ class Reference:
             return
         metadata = {
             "format": _FORMAT_NAME,
-            "library_version": _library_version(),
+            "library_version": __version__,
             "storage": self.storage,
             "dtype": _STATE_DTYPES[self.storage],
             "blocksize": str(INT8_BLOCKSIZE),
@@ -210,11 +211,9 @@ class Reference:
                 if meta.get("format") != _FORMAT_NAME:
                     raise ValueError(f"{str(path)!r} is not an sgg-optim reference (metadata format "
                                      f"{meta.get('format')!r})")
-                storage = meta["storage"]
-                names = json.loads(meta["names"])
-                shapes = {n: torch.Size(s) for n, s in json.loads(meta["shapes"]).items()}
+                storage, names, shapes = _parse_metadata(meta, str(path))
                 parts = {k: f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as e:
+        except (SafetensorError, OSError) as e:
             raise ValueError(f"cannot read reference file {str(path)!r}: {e}") from e
         params = {n: p for n, p in _unwrap(model).named_parameters()}
         trainable = [n for n, p in params.items() if p.requires_grad]
@@ -235,6 +234,8 @@ class Reference:
             state = {k.rsplit("/", 1)[1]: v.to(device or local_device(params[n]), copy=True)
                      for k, v in parts.items() if k.rsplit("/", 1)[0] == n}
             try:
+                if not state:
+                    raise ValueError("no tensors stored")
                 stores[n] = store_from_state(state, shapes[n], storage)
             except ValueError as e:
                 raise ValueError(f"reference file {str(path)!r} tensor '{n}': {e}") from e
@@ -244,6 +245,31 @@ class Reference:
         ref = cls._from_stores(stores, storage)
         ref.specs = specs
         return ref.bind(model)
+
+
+def _parse_metadata(meta: Mapping[str, str], path: str) -> tuple[str, list[str], dict[str, torch.Size]]:
+    """(storage, names, shapes) of a reference file's metadata, each checked; a
+    ``ValueError`` names the file and the field."""
+    def bad(field: str, why: str) -> ValueError:
+        return ValueError(f"reference file {path!r}: metadata {field!r} {why}")
+
+    storage = meta.get("storage")
+    if storage not in REFERENCE_DTYPES:
+        raise bad("storage", f"is {storage!r}, expected one of {REFERENCE_DTYPES} (written by sgg-optim "
+                             f"{meta.get('library_version', '?')}; this is {__version__})")
+    try:
+        names, shapes = json.loads(meta.get("names", "")), json.loads(meta.get("shapes", ""))
+    except json.JSONDecodeError as e:
+        raise bad("names/shapes", f"is not JSON: {e}") from e
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise bad("names", "must be a list of parameter names")
+    if not isinstance(shapes, dict):
+        raise bad("shapes", "must map each name to its shape")
+    for n in names:
+        shape = shapes.get(n)
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise bad("shapes", f"has no valid shape for {n!r} (got {shape!r})")
+    return storage, names, {n: torch.Size(shapes[n]) for n in names}
 
 
 def _call_model(model: nn.Module, batch: Any) -> Tensor:
@@ -295,9 +321,8 @@ def capture_reference(
     try:
         for p in (p for _, p in named):
             p.grad = None
-        for batch in batches:
-            if num_batches is not None and count >= num_batches:
-                break
+        # islice: stop before pulling batch num_batches + 1 from a shared iterator
+        for batch in itertools.islice(batches, num_batches):
             with torch.enable_grad(), (autocast() if autocast is not None else nullcontext()):
                 loss = loss_fn(model, batch) if loss_fn is not None else _call_model(model, batch)
             loss.backward()

@@ -6,20 +6,19 @@ statistics alone (``<g, r>``, ``|g|^2``, ``|r|^2``), so the gradients are read o
 for the statistics and written once for the update. Branches are ``torch.where``
 over tensors of shape ``[num_blocks]``: nothing here reads a device value on the host.
 
-A new rule is one function plus one entry in :data:`DIRECTION_RULES` or
-:data:`MAGNITUDE_RULES`; configuration validation picks it up from the registry.
+Rules take the scalars they need, as torch's functional optimizers do
+(``cone_coefficients(stats, cos_max)``). A new rule is one function plus one entry in
+:data:`DIRECTION_RULES` or :data:`MAGNITUDE_RULES`, which names the configuration
+values it takes; configuration validation picks it up from the registry.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
-
-if TYPE_CHECKING:
-    from .config import GuidanceConfig
 
 # |g_perp|^2 = |g|^2 - <g,r>^2/|r|^2 is a difference of fp32-accumulated sums, exact
 # only to ~1e-6 |g|^2. Below this fraction of |g|^2 (g within ~0.2 degrees of -r) its
@@ -63,25 +62,25 @@ def _identity(stats: BlockStats) -> Direction:
     return Direction(ones, torch.zeros_like(ones), torch.zeros_like(stats.valid))
 
 
-def off_coefficients(stats: BlockStats, cfg: GuidanceConfig) -> Direction:
+def off_coefficients(stats: BlockStats) -> Direction:
     """``direction="off"``: the gradient is left as it is.
 
     Example:
         >>> s = BlockStats(*torch.tensor([[4.0], [-2.0], [1.0]]), torch.tensor([True]))
-        >>> off_coefficients(s, None).b.tolist()
+        >>> off_coefficients(s).b.tolist()
         [0.0]
     """
     return _identity(stats)
 
 
-def project_coefficients(stats: BlockStats, cfg: GuidanceConfig) -> Direction:
+def project_coefficients(stats: BlockStats) -> Direction:
     """``direction="project"``: drop the component of g that conflicts with r (A-GEM).
 
     Where ``<g, r> < 0``: ``g <- g - (<g, r>/|r|^2) r``, which leaves ``<g', r> = 0``.
 
     Example:
         >>> s = BlockStats(*torch.tensor([[4.0], [-2.0], [1.0]]), torch.tensor([True]))
-        >>> project_coefficients(s, None).b.tolist()
+        >>> project_coefficients(s).b.tolist()
         [2.0]
     """
     active = stats.valid & (stats.d < 0)
@@ -89,11 +88,11 @@ def project_coefficients(stats: BlockStats, cfg: GuidanceConfig) -> Direction:
     return Direction(torch.ones_like(b), b, active)
 
 
-def cone_coefficients(stats: BlockStats, cfg: GuidanceConfig) -> Direction:
+def cone_coefficients(stats: BlockStats, cos_max: float) -> Direction:
     """``direction="cone"``: rotate g onto the cone of half-angle ``max_angle`` around r.
 
     Only gradients outside the cone move; ``|g|`` is kept. With
-    ``g_perp = g - (<g, r>/|r|^2) r`` and ``c = cos(max_angle)``::
+    ``g_perp = g - (<g, r>/|r|^2) r`` and ``c = cos_max = cos(max_angle)``::
 
         g <- |g| (c r/|r| + sqrt(1 - c^2) g_perp/|g_perp|)
 
@@ -102,14 +101,13 @@ def cone_coefficients(stats: BlockStats, cfg: GuidanceConfig) -> Direction:
 
     Example:
         >>> # g = (0, 1) is 90 degrees from r = (1, 0); a 45 degree cone rotates it.
-        >>> from sgg_optim.config import GuidanceConfig
         >>> s = BlockStats(*torch.tensor([[1.0], [0.0], [1.0]], dtype=torch.float64),
         ...                torch.tensor([True]))
-        >>> a, b, _ = cone_coefficients(s, GuidanceConfig(max_angle=45))
+        >>> a, b, _ = cone_coefficients(s, cos_max=math.cos(math.pi / 4))
         >>> [round(v, 4) for v in (a.item(), b.item())]
         [0.7071, 0.7071]
     """
-    c = cfg.cos_max_angle
+    c = cos_max
     sin = math.sqrt(max(0.0, 1.0 - c * c))
     valid = stats.valid
     rr = _safe(stats.rr, valid)
@@ -127,54 +125,50 @@ def cone_coefficients(stats: BlockStats, cfg: GuidanceConfig) -> Direction:
     return Direction(a, b, active)
 
 
-def blend_coefficients(stats: BlockStats, cfg: GuidanceConfig) -> Direction:
+def blend_coefficients(stats: BlockStats, strength: float) -> Direction:
     """``direction="blend"``: ``g <- (1 - s) g + s |g| r/|r|`` with ``s = strength``.
 
     Example:
-        >>> from sgg_optim.config import GuidanceConfig
         >>> s = BlockStats(*torch.tensor([[4.0], [0.0], [1.0]]), torch.tensor([True]))
-        >>> d = blend_coefficients(s, GuidanceConfig(strength=0.25))
+        >>> d = blend_coefficients(s, strength=0.25)
         >>> d.a.item(), d.b.item()
         (0.75, 0.5)
     """
     valid = stats.valid
     ratio = stats.gg.sqrt() / _safe(stats.rr, valid).sqrt()
-    a = torch.where(valid, torch.full_like(ratio, 1.0 - cfg.strength), torch.ones_like(ratio))
-    b = torch.where(valid, cfg.strength * ratio, torch.zeros_like(ratio))
-    return Direction(a, b, valid & (cfg.strength > 0))
+    a = torch.where(valid, torch.full_like(ratio, 1.0 - strength), torch.ones_like(ratio))
+    b = torch.where(valid, strength * ratio, torch.zeros_like(ratio))
+    return Direction(a, b, valid & (strength > 0))
 
 
-def no_scale(norm: Tensor, norm_ema: Tensor, ready: Tensor, cfg: GuidanceConfig) -> Tensor:
+def no_scale(norm: Tensor, norm_ema: Tensor, ready: Tensor) -> Tensor:
     """``magnitude="off"``: scale 1."""
     return torch.ones_like(norm)
 
 
-def clip_scale(norm: Tensor, norm_ema: Tensor, ready: Tensor, cfg: GuidanceConfig) -> Tensor:
+def clip_scale(norm: Tensor, norm_ema: Tensor, ready: Tensor, max_norm: float) -> Tensor:
     """``magnitude="clip"``: scale so each block's guided norm is at most ``max_norm``.
 
     Example:
-        >>> from sgg_optim.config import GuidanceConfig
-        >>> clip_scale(torch.tensor([4.0, 0.5]), None, None, GuidanceConfig(max_norm=2.0))
+        >>> clip_scale(torch.tensor([4.0, 0.5]), None, None, max_norm=2.0)
         tensor([0.5000, 1.0000])
     """
-    over = norm > cfg.max_norm
-    return torch.where(over, cfg.max_norm / _safe(norm, over), torch.ones_like(norm))
+    over = norm > max_norm
+    return torch.where(over, max_norm / _safe(norm, over), torch.ones_like(norm))
 
 
-def adaptive_scale(norm: Tensor, norm_ema: Tensor, ready: Tensor, cfg: GuidanceConfig) -> Tensor:
+def adaptive_scale(norm: Tensor, norm_ema: Tensor, ready: Tensor, spike_factor: float) -> Tensor:
     """``magnitude="adaptive"``: cap the norm at ``spike_factor`` x its running mean.
 
     ``norm_ema`` is the bias-corrected EMA of past accepted (post-clip) norms;
     ``ready`` marks the blocks that have seen ``warmup_steps`` accepted steps.
 
     Example:
-        >>> from sgg_optim.config import GuidanceConfig
-        >>> cfg = GuidanceConfig(spike_factor=2.0)
         >>> ema, ready = torch.tensor([1.0, 1.0]), torch.tensor([True, True])
-        >>> adaptive_scale(torch.tensor([8.0, 1.0]), ema, ready, cfg)
+        >>> adaptive_scale(torch.tensor([8.0, 1.0]), ema, ready, spike_factor=2.0)
         tensor([0.2500, 1.0000])
     """
-    bound = cfg.spike_factor * norm_ema
+    bound = spike_factor * norm_ema
     over = ready & (norm > bound) & (bound > 0)
     return torch.where(over, bound / _safe(norm, over), torch.ones_like(norm))
 
@@ -195,7 +189,10 @@ def alignment_weights(alignment: Tensor, temperature: float) -> tuple[Tensor, Te
     """
     agree = alignment > 0
     any_agree = agree.any(dim=-1)
-    logits = torch.where(agree, alignment / temperature, torch.full_like(alignment, -math.inf))
+    # Shift by the row's best score before dividing: logits <= 0, so no temperature,
+    # however small, overflows (alignment / 1e-310 would be inf, and inf - inf NaN).
+    top = torch.where(agree, alignment, torch.zeros_like(alignment)).amax(dim=-1, keepdim=True)
+    logits = torch.where(agree, (alignment - top) / temperature, torch.full_like(alignment, -math.inf))
     # Rows with no agreeing source would softmax to NaN: give them finite logits, then zero.
     logits = torch.where(any_agree.unsqueeze(-1), logits, torch.zeros_like(logits))
     weights = torch.softmax(logits, dim=-1)
@@ -203,17 +200,22 @@ def alignment_weights(alignment: Tensor, temperature: float) -> tuple[Tensor, Te
     return weights, any_agree
 
 
-DirectionRule = Callable[[BlockStats, "GuidanceConfig"], Direction]
-MagnitudeRule = Callable[[Tensor, Tensor, Tensor, "GuidanceConfig"], Tensor]
+class Rule(NamedTuple):
+    """A registered rule: the function, and the names of the configuration values
+    (attributes of :class:`~sgg_optim.GuidanceConfig`) passed after its tensors."""
 
-DIRECTION_RULES: dict[str, DirectionRule] = {
-    "off": off_coefficients,
-    "project": project_coefficients,
-    "cone": cone_coefficients,
-    "blend": blend_coefficients,
+    fn: Callable[..., Tensor | Direction]
+    args: tuple[str, ...] = ()
+
+
+DIRECTION_RULES: dict[str, Rule] = {
+    "off": Rule(off_coefficients),
+    "project": Rule(project_coefficients),
+    "cone": Rule(cone_coefficients, ("cos_max_angle",)),
+    "blend": Rule(blend_coefficients, ("strength",)),
 }
-MAGNITUDE_RULES: dict[str, MagnitudeRule] = {
-    "off": no_scale,
-    "clip": clip_scale,
-    "adaptive": adaptive_scale,
+MAGNITUDE_RULES: dict[str, Rule] = {
+    "off": Rule(no_scale),
+    "clip": Rule(clip_scale, ("max_norm",)),
+    "adaptive": Rule(adaptive_scale, ("spike_factor",)),
 }

@@ -55,10 +55,12 @@ def _spans(numel: int, step: int) -> Iterator[tuple[int, int]]:
 
 
 class DenseStore:
-    """A reference kept as a plain fp32 or bf16 tensor of the parameter's shape."""
+    """A reference kept as a plain fp32 or bf16 tensor of the parameter's shape, always
+    contiguous (row-major), whatever the parameter's memory format: the passes index it
+    flat, and a gradient in another layout is matched element by element by shape."""
 
     def __init__(self, tensor: Tensor) -> None:
-        self.tensor = tensor
+        self.tensor = tensor.contiguous()
 
     @property
     def shape(self) -> torch.Size:
@@ -68,6 +70,8 @@ class DenseStore:
         g, r = g.reshape(-1), self.tensor.view(-1)
         if g.dtype == torch.float32 and r.dtype == torch.float32:
             return torch.dot(g, r)
+        if r.numel() == 0:
+            return torch.zeros((), device=r.device)
         # One fp32 chunk pair at a time (each dot is done before the scratch is reused).
         return torch.stack([torch.dot(_fp32(g[s:e], 0), _fp32(r[s:e], 1))
                             for s, e in _spans(r.numel(), _CHUNK)]).sum()
@@ -189,6 +193,10 @@ class Int8Store:
                    torch.zeros((), device=self.codes.device))
 
     def add_to_(self, g: Tensor, b: Scalar) -> None:
+        if not g.is_contiguous():  # e.g. channels_last: no flat view to write through
+            r = self.dense().view(g.shape)
+            g.add_(r, alpha=b) if isinstance(b, float) else g.addcmul_(r, b)
+            return
         for gc, rc in self._gchunks(g.view(-1)):
             gc.add_(rc, alpha=b) if isinstance(b, float) else gc.addcmul_(rc, b)
 
@@ -222,26 +230,33 @@ def make_store(x: Tensor, storage: str) -> Store:
     """
     if storage == "int8":
         return Int8Store.quantize(x)
-    return DenseStore(x.detach().to(_DTYPES[storage], copy=True))
+    return DenseStore(x.detach().to(_DTYPES[storage], memory_format=torch.contiguous_format, copy=True))
 
 
 def zeros_store(like: Tensor, storage: str) -> Store:
     """A zero reference shaped like ``like``, e.g. the start of an EMA reference."""
     if storage == "int8":
         return Int8Store.zeros(like.shape, like.device)
-    return DenseStore(torch.zeros_like(like, dtype=_DTYPES[storage]))
+    return DenseStore(torch.zeros(like.shape, device=like.device, dtype=_DTYPES[storage]))
 
 
 def store_from_state(state: dict[str, Tensor], shape: torch.Size, storage: str) -> Store:
     """Rebuild a store from :meth:`state`, checking it matches ``shape`` and ``storage``."""
+    if not isinstance(state, dict) or not all(isinstance(t, Tensor) for t in state.values()):
+        raise ValueError("expected a dict of tensors")
     if storage == "int8":
         if set(state) != {"codes", "absmax"} or state["codes"].dtype != torch.uint8:
             raise ValueError(f"expected int8 reference state (codes, absmax), got {sorted(state)}")
-        if state["codes"].numel() != shape.numel():
-            raise ValueError(f"int8 reference has {state['codes'].numel()} elements, expected {shape.numel()}")
-        return Int8Store(state["codes"], state["absmax"], shape)
+        codes, absmax = state["codes"], state["absmax"]
+        if codes.dim() != 1 or codes.numel() != shape.numel():
+            raise ValueError(f"int8 reference has codes of shape {tuple(codes.shape)}, expected ({shape.numel()},)")
+        blocks = -(-shape.numel() // INT8_BLOCKSIZE)
+        if absmax.dtype != torch.float32 or tuple(absmax.shape) != (blocks,):
+            raise ValueError(f"int8 reference has absmax {absmax.dtype} of shape {tuple(absmax.shape)}, "
+                             f"expected float32 of shape ({blocks},)")
+        return Int8Store(codes, absmax, shape)
     values = state.get("values")
-    if values is None or values.dtype != _DTYPES[storage]:
+    if set(state) != {"values"} or values is None or values.dtype != _DTYPES[storage]:
         raise ValueError(f"expected {storage} reference values, got {({k: v.dtype for k, v in state.items()})}")
     if values.shape != shape:
         raise ValueError(f"reference has shape {tuple(values.shape)}, expected {tuple(shape)}")

@@ -217,19 +217,19 @@ def test_low_precision_ema_reference_trains_and_stays_finite(storage):
     run(twin, ref32, 60)
     with torch.no_grad():
         end, end32 = loss_at(model, 999).item(), loss_at(twin, 999).item()
-    store = opt._ema[model[0].weight]
+    store = opt._guidance.ema[0]  # model[0].weight
     assert isinstance(store, Int8Store if storage == "int8" else DenseStore)
     if storage == "bf16":
         assert store.tensor.dtype == torch.bfloat16
-    for p in model.parameters():
-        ema = opt._ema[p].dense()
+    for i, p in enumerate(model.parameters()):
+        ema = opt._guidance.ema[i].dense()
         assert torch.isfinite(ema).all() and ema.abs().sum() > 0
         assert torch.isfinite(p).all()
     assert end < 0.5 * start
     assert end < 1.5 * end32  # low-precision storage costs little against fp32
     # The low-precision EMA tracks the fp32 one of the twin run closely.
-    a = torch.cat([opt._ema[p].dense().flatten() for p in model.parameters()])
-    b = torch.cat([ref32._ema[p].dense().flatten() for p in twin.parameters()])
+    a = torch.cat([s.dense().flatten() for s in opt._guidance.ema.values()])
+    b = torch.cat([s.dense().flatten() for s in ref32._guidance.ema.values()])
     assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.9
 
 
@@ -246,8 +246,8 @@ def test_int8_ema_state_dict_round_trip():
             loss_at(m, s).backward()
             o.step()
     assert_bit_identical(model, opt, clone, opt2)
-    for p, q in zip(model.parameters(), clone.parameters()):
-        assert torch.equal(opt._ema[p].codes, opt2._ema[q].codes)
+    for i, _ in enumerate(model.parameters()):
+        assert torch.equal(opt._guidance.ema[i].codes, opt2._guidance.ema[i].codes)
 
 
 # -- int8 reference storage ---------------------------------------------------------------

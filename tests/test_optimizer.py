@@ -274,7 +274,7 @@ def test_set_reference_rejects_a_missing_or_misshaped_tensor_and_keeps_the_old_o
     shapes["0.weight"] = torch.ones(3, 3)
     with pytest.raises(ValueError, match="'0.weight' has shape"):
         opt.set_reference(Reference(shapes).bind(model))
-    assert opt.reference_mode == "sources" and opt._sources[model[2].bias][0] is good.stores["2.bias"]
+    assert opt.reference_mode == "sources" and opt._guidance.sources[3][0] is good.stores["2.bias"]  # #3: 2.bias
 
 
 def test_state_dict_with_another_reference_kind_is_rejected():

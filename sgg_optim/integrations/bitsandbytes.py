@@ -14,8 +14,7 @@ from typing import Any
 from torch.nn import Module
 from torch.optim import Optimizer
 
-from ..adamw import split_guidance_kwargs
-from ..optimizer import GuidedOptimizer, ReferenceSpec
+from ..adamw import GuidedAdamW
 
 
 def _bnb_optimizer(name: str) -> Callable[..., Optimizer]:
@@ -26,7 +25,7 @@ def _bnb_optimizer(name: str) -> Callable[..., Optimizer]:
     return getattr(bnb_optim, name)
 
 
-class GuidedAdamW8bit(GuidedOptimizer):
+class GuidedAdamW8bit(GuidedAdamW):
     """bitsandbytes' ``AdamW8bit`` (8-bit blockwise optimizer states) with guidance.
 
     Guidance edits ``.grad`` in place and then calls bnb's own step: its quantised
@@ -35,13 +34,10 @@ class GuidedAdamW8bit(GuidedOptimizer):
 
     _base_name = "AdamW8bit"
 
-    def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
-                 reference: ReferenceSpec = "ema", **kwargs: Any) -> None:
-        guidance, base_kwargs = split_guidance_kwargs(kwargs)
-        base = _bnb_optimizer(self._base_name)(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                               amsgrad=amsgrad, **base_kwargs)
-        super().__init__(base, reference=reference, **guidance)
+    @classmethod
+    def base_class(cls) -> Callable[..., Optimizer]:
+        """bitsandbytes' optimizer class (imported only now)."""
+        return _bnb_optimizer(cls._base_name)
 
 
 class GuidedPagedAdamW8bit(GuidedAdamW8bit):

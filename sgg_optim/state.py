@@ -1,0 +1,134 @@
+"""The guidance state: one typed object, created, grown, reset, saved and checked here.
+
+:class:`BlockState` holds the per-block running statistics that the pure step
+(:func:`sgg_optim.functional.guidance_coefficients`) reads and returns updated, in
+optax's ``update(grads, state) -> (updates, new_state)`` shape. :class:`GuidanceState`
+adds what is per parameter (the EMA reference, the source references) and the step
+counters. Parameters are named by their position in ``param_groups`` (as in
+``Optimizer.state_dict()``), not by object identity, so the state follows a parameter
+that a wrapper replaces in place (Accelerate's FSDP2 ``prepare`` does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from .storage import Store
+
+
+def stats_dtype(device: torch.device) -> torch.dtype:
+    """float64 for block statistics where the device has it (MPS does not)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+class BlockState(NamedTuple):
+    """Per-block running statistics (shapes with ``B`` blocks and ``k`` sources).
+
+    ``norm_ema`` ``[B]``: EMA of accepted post-guidance norms (not bias-corrected);
+    ``norm_count`` ``[B]``: how many steps fed it; ``align_ema`` ``[B, max(k, 1)]``:
+    EMA of each source's cosine with the gradient.
+
+    Example:
+        >>> s = BlockState.zeros(2, 3, torch.device("cpu"))
+        >>> [tuple(t.shape) for t in s], s.norm_ema.dtype
+        ([(2,), (2,), (2, 3)], torch.float64)
+        >>> s.resized(3, 3, torch.device("cpu")).norm_ema.shape
+        torch.Size([3])
+    """
+
+    norm_ema: Tensor
+    norm_count: Tensor
+    align_ema: Tensor
+
+    @staticmethod
+    def zeros(num_blocks: int, num_sources: int, device: torch.device) -> "BlockState":
+        dtype = stats_dtype(device)
+        return BlockState(torch.zeros(num_blocks, device=device, dtype=dtype),
+                          torch.zeros(num_blocks, device=device, dtype=dtype),
+                          torch.zeros(num_blocks, max(num_sources, 1), device=device, dtype=dtype))
+
+    def fits(self, num_blocks: int, num_sources: int, device: torch.device) -> bool:
+        return (self.norm_ema.shape[0] == num_blocks and self.align_ema.shape[1] == max(num_sources, 1)
+                and self.norm_ema.device == device)
+
+    def resized(self, num_blocks: int, num_sources: int, device: torch.device) -> "BlockState":
+        """On ``device`` with ``num_blocks`` blocks: old blocks keep their statistics (new
+        blocks, from ``add_param_group``, start fresh); the alignment restarts when the
+        number of sources changed."""
+        new = BlockState.zeros(num_blocks, num_sources, device)
+        n = min(num_blocks, self.norm_ema.shape[0])
+        new.norm_ema[:n] = self.norm_ema[:n].to(device, new.norm_ema.dtype)
+        new.norm_count[:n] = self.norm_count[:n].to(device, new.norm_count.dtype)
+        if self.align_ema.shape[1] == new.align_ema.shape[1]:
+            new.align_ema[:n] = self.align_ema[:n].to(device, new.align_ema.dtype)
+        return new
+
+    @staticmethod
+    def from_saved(saved: Mapping[str, Any], num_blocks: int, num_sources: int) -> Optional["BlockState"]:
+        """The block state of a saved guidance entry, every field checked first.
+
+        All three fields absent-as-None means no step had run (None is returned); a
+        tensor of the wrong kind, shape or dtype raises ``ValueError`` naming it.
+        """
+        names = BlockState._fields
+        values = [saved.get(n) for n in names]
+        if all(v is None for v in values):
+            return None
+        shapes = {"norm_ema": (num_blocks,), "norm_count": (num_blocks,),
+                  "align_ema": (num_blocks, max(num_sources, 1))}
+        for name, value in zip(names, values):
+            where = f"state_dict['guidance'][{name!r}]"
+            if not isinstance(value, Tensor):
+                raise ValueError(f"{where} must be a tensor, got {type(value).__name__}")
+            if not value.is_floating_point():
+                raise ValueError(f"{where} must be a floating-point tensor, got {value.dtype}")
+            if tuple(value.shape) != shapes[name]:
+                raise ValueError(f"{where} has shape {tuple(value.shape)}, expected {shapes[name]} "
+                                 f"({num_blocks} block(s), {num_sources} source(s))")
+            if not bool(torch.isfinite(value).all()) or bool((value < 0).any()) and name != "align_ema":
+                raise ValueError(f"{where} holds negative or non-finite values")
+        return BlockState(*values)
+
+
+@dataclass
+class GuidanceState:
+    """Everything the wrapper carries between steps, besides the base optimizer's state.
+
+    ``ema``: the EMA reference of each parameter index (created on its first guided step);
+    ``sources``: the ``k`` source references of each parameter index (None where a
+    source has no finite tensor); ``source_sqnorms``: their cached ``|r_i|^2``;
+    ``gram``: per block ``<r_i, r_j>``; ``blocks``: the :class:`BlockState`, created on
+    the first step on the gradients' device.
+    """
+
+    num_sources: int = 0
+    ema: dict[int, Store] = field(default_factory=dict)
+    sources: dict[int, list[Optional[Store]]] = field(default_factory=dict)
+    source_sqnorms: dict[int, Tensor] = field(default_factory=dict)
+    gram: Optional[Tensor] = None
+    blocks: Optional[BlockState] = None
+    accepted: int = 0
+    skipped: int = 0
+
+    def with_sources(self, sources: dict[int, list[Optional[Store]]], num_sources: int) -> "GuidanceState":
+        """The state after ``set_reference``: new references, alignment restarted; the
+        magnitude statistics and counters carry on (they do not depend on the reference)."""
+        blocks = self.blocks
+        if blocks is not None:
+            blocks = blocks._replace(align_ema=torch.zeros(blocks.norm_ema.shape[0], max(num_sources, 1),
+                                                           device=blocks.norm_ema.device,
+                                                           dtype=blocks.norm_ema.dtype))
+        return GuidanceState(num_sources=num_sources, ema=self.ema if not num_sources else {}, sources=sources,
+                             blocks=blocks, accepted=self.accepted, skipped=self.skipped)
+
+    def block_state(self, num_blocks: int, device: torch.device) -> BlockState:
+        """The block state for this step, created or grown (``add_param_group``) as needed."""
+        if self.blocks is None:
+            self.blocks = BlockState.zeros(num_blocks, self.num_sources, device)
+        elif not self.blocks.fits(num_blocks, self.num_sources, device):
+            self.blocks = self.blocks.resized(num_blocks, self.num_sources, device)
+        return self.blocks

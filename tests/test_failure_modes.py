@@ -1,0 +1,277 @@
+"""Failure modes found from outside (issue 11): each input a real user produces.
+
+Every test here failed on the main of 2026-12-01 (crash, silent corruption or a bare
+exception without a name) and states the behaviour the library now keeps; the table
+in docs/design.md ("Failure modes") lists them.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import warnings
+
+import pytest
+import torch
+from conftest import backward, tiny_mlp, train
+from safetensors.torch import save_file
+
+from sgg_optim import GuidedAdamW, GuidedOptimizer, Reference, capture_reference
+
+
+def _ref(model, value=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return Reference({n: torch.randn(p.shape, generator=g) * value for n, p in model.named_parameters()}).bind(model)
+
+
+def _params(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+# -- 1. several sources after a step ---------------------------------------------------
+def test_switching_to_several_sources_after_a_step():
+    model = tiny_mlp()
+    opt = GuidedOptimizer(torch.optim.SGD(model.named_parameters(), lr=0.1), warmup_steps=0)
+    train(model, opt, 2)
+    opt.set_reference([_ref(model, seed=1), _ref(model, seed=2)])
+    train(model, opt, 2, start=2)
+    assert len(opt.stats["weights"]) == 2
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    # and back to one source, then to the EMA
+    opt.set_reference(_ref(model, seed=3))
+    train(model, opt, 1, start=4)
+    opt.set_reference("ema")
+    train(model, opt, 1, start=5)
+    assert opt.stats["step"] == 6
+
+
+# -- 2. channels_last / non-contiguous parameters --------------------------------------
+def _conv():
+    torch.manual_seed(0)
+    return torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+
+
+def _conv_backward(m):
+    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(1)).to(memory_format=torch.channels_last)
+    m(x).square().sum().backward()
+
+
+@pytest.mark.parametrize("storage", ["fp32", "bf16", "int8"])
+def test_channels_last_parameters_are_guided_like_contiguous_ones(storage):
+    a = _conv()
+    b = torch.nn.Conv2d(3, 4, 3)
+    b.load_state_dict(a.state_dict())
+    assert not a.weight.is_contiguous() and b.weight.is_contiguous()
+    opts = [GuidedAdamW(m.parameters(), lr=1e-2, warmup_steps=0, max_angle=5, reference_dtype=storage)
+            for m in (a, b)]
+    for step in range(4):
+        for m, o in zip((a, b), opts):
+            o.zero_grad()
+            _conv_backward(m)
+            o.step()
+    assert opts[0].stats["projected"] > 0
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_captured_reference_on_channels_last_parameters():
+    m = _conv()
+    ref = capture_reference(m, [0, 1], loss_fn=lambda model, _: model(
+        torch.ones(1, 3, 5, 5).to(memory_format=torch.channels_last)).sum())
+    opt = GuidedOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), reference=ref, direction="off")
+    _conv_backward(m)
+    opt.step()
+    opt2 = GuidedOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), reference=ref, max_angle=5)
+    _conv_backward(m)
+    opt2.step()
+    assert math.isfinite(opt2.stats["cos"])
+
+
+# -- 3. zero-size parameters with low-precision storage or gradients -------------------
+@pytest.mark.parametrize("storage", ["bf16", "int8", "fp32"])
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
+def test_zero_size_parameter(storage, grad_dtype):
+    w = torch.nn.Parameter(torch.ones(3, dtype=grad_dtype))
+    empty = torch.nn.Parameter(torch.ones(0, 4, dtype=grad_dtype))
+    opt = GuidedOptimizer(torch.optim.SGD([w, empty], lr=0.1), warmup_steps=0, reference_dtype=storage)
+    for _ in range(3):
+        opt.zero_grad()
+        ((w * torch.arange(3.0, dtype=grad_dtype)).sum() + empty.sum()).backward()
+        opt.step()
+    assert opt.stats["skipped"] == 0 and torch.isfinite(w).all()
+
+
+# -- 4. huge but finite gradients --------------------------------------------------------
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+def test_huge_finite_gradients_are_not_reported_as_non_finite(policy):
+    w = torch.nn.Parameter(torch.zeros(4))
+    opt = GuidedOptimizer(torch.optim.SGD([w], lr=1e-20), nonfinite=policy, warmup_steps=0)
+    w.grad = torch.full((4,), 1e20)  # |g|^2 = 4e40 overflows fp32
+    opt.step()
+    assert opt.stats["skipped"] == 0
+    assert opt.stats["grad_norm"] == pytest.approx(2e20, rel=1e-6)
+    torch.testing.assert_close(w.detach(), torch.full((4,), -1.0))
+
+
+def test_raise_names_the_parameter_with_the_non_finite_gradient():
+    model = tiny_mlp()
+    opt = GuidedOptimizer(torch.optim.SGD(model.named_parameters(), lr=0.1), nonfinite="raise")
+    backward(model, 0)
+    model[2].bias.grad[1] = float("inf")
+    with pytest.raises(FloatingPointError, match="'2.bias'"):
+        opt.step()
+
+
+# -- 5. load_state_dict checks every field before anything changes ----------------------
+def _trained():
+    model = tiny_mlp()
+    opt = GuidedAdamW(model.parameters(), lr=1e-2, warmup_steps=2)
+    train(model, opt, 4)
+    return model, opt
+
+
+def _corrupt(field, value):
+    def edit(g):
+        g[field] = value
+    return edit
+
+
+@pytest.mark.parametrize("edit, name", [
+    (_corrupt("norm_ema", torch.zeros(5)), "norm_ema"),
+    (_corrupt("norm_count", None), "norm_count"),
+    (_corrupt("norm_count", torch.zeros(1, dtype=torch.int64)), "norm_count"),
+    (_corrupt("align_ema", torch.zeros(1, 3)), "align_ema"),
+    (_corrupt("accepted", -1), "accepted"),
+    (_corrupt("skipped", "3"), "skipped"),
+    (lambda g: g.pop("norm_ema"), "norm_ema"),
+    (lambda g: g.pop("refs"), "refs"),
+    (lambda g: g.pop("layout"), "layout"),
+    (lambda g: g.pop("config"), "config"),
+    (lambda g: g["refs"].update({99: g["refs"][0]}), "refs"),
+    (lambda g: g["refs"][0].update({"source7": g["refs"][0]["ema"]}), "refs"),
+    (lambda g: g["refs"][0]["ema"].update({"values": torch.zeros(2)}), "refs"),
+    (lambda g: g["refs"][0]["ema"].update({"values": torch.zeros(12, 6, dtype=torch.float64)}), "refs"),
+])
+def test_bad_guidance_entry_raises_naming_the_field_and_changes_nothing(edit, name):
+    _, source = _trained()
+    sd = source.state_dict()
+    edit(sd["guidance"])
+    model, opt = _trained()
+    train(model, opt, 1, start=10)
+    before = (_params(model), io.BytesIO())
+    torch.save(opt.state_dict(), before[1])
+    with pytest.raises(ValueError, match=name):
+        opt.load_state_dict(sd)
+    after = io.BytesIO()
+    torch.save(opt.state_dict(), after)
+    assert before[1].getvalue() == after.getvalue()
+    train(model, opt, 1, start=11)  # still steps
+    assert opt.stats["skipped"] == 0
+
+
+# -- 6. a rejected add_param_group leaves nothing behind ---------------------------------
+def test_rejected_param_group_is_not_forwarded():
+    model = tiny_mlp()
+    opt = GuidedAdamW(model.parameters(), lr=1e-2)
+    with pytest.raises(ValueError, match="complex"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2, dtype=torch.complex64))]})
+    assert len(opt.param_groups) == 1
+    train(model, opt, 2)
+    assert opt.stats["step"] == 2
+
+
+# -- 7. Reference.load with bad metadata -------------------------------------------------
+def _meta(model):
+    return {"format": "sgg-optim-reference", "library_version": "0.1.0", "storage": "fp32", "dtype": "float32",
+            "blocksize": "4096", "names": json.dumps([n for n, _ in model.named_parameters()]),
+            "shapes": json.dumps({n: list(p.shape) for n, p in model.named_parameters()})}
+
+
+@pytest.mark.parametrize("key, value", [
+    ("storage", "fp8"),
+    ("names", json.dumps("0.weight")),
+    ("names", json.dumps([1, 2])),
+    ("shapes", json.dumps({"0.weight": [12, 6]})),
+    ("shapes", json.dumps([1, 2])),
+    ("shapes", "not json"),
+])
+def test_reference_file_with_bad_metadata(tmp_path, key, value):
+    model = tiny_mlp()
+    path = tmp_path / "ref.safetensors"
+    tensors = {f"{n}/values": torch.zeros(p.shape) for n, p in model.named_parameters()}
+    save_file(tensors, str(path), metadata={**_meta(model), key: value})
+    with pytest.raises(ValueError, match="ref.safetensors"):
+        Reference.load(path, model)
+
+
+def test_reference_file_with_missing_tensor(tmp_path):
+    model = tiny_mlp()
+    path = tmp_path / "ref.safetensors"
+    tensors = {f"{n}/values": torch.zeros(p.shape) for n, p in list(model.named_parameters())[1:]}
+    save_file(tensors, str(path), metadata=_meta(model))
+    with pytest.raises(ValueError, match="ref.safetensors.*0.weight"):
+        Reference.load(path, model)
+
+
+# -- also tried -------------------------------------------------------------------------
+def test_tiny_align_temperature_never_writes_nan():
+    model = tiny_mlp()
+    opt = GuidedOptimizer(torch.optim.SGD(model.named_parameters(), lr=0.1), align_temperature=1e-310,
+                          reference=[_ref(model, seed=1), _ref(model, seed=2)])
+    train(model, opt, 3)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert sum(opt.stats["weights"]) <= 1.0 + 1e-9
+
+
+def test_closure_optimizers_are_refused_at_construction():
+    model = tiny_mlp()
+    with pytest.raises(TypeError, match="LBFGS.*closure"):
+        GuidedOptimizer(torch.optim.LBFGS(model.parameters()))
+
+
+def test_meta_parameters_get_a_clear_error_at_step():
+    p = torch.nn.Parameter(torch.empty(3, device="meta"))
+    opt = GuidedOptimizer(torch.optim.SGD([p], lr=0.1), warmup_steps=0)
+    p.grad = torch.empty(3, device="meta")
+    with pytest.raises(ValueError, match="meta"):
+        opt.step()
+
+
+def test_capture_reads_exactly_num_batches_from_an_iterator():
+    model = tiny_mlp()
+    it = iter(range(10))
+    capture_reference(model, it, num_batches=3, loss_fn=lambda m, i: backward_loss(m, i))
+    assert next(it) == 3
+
+
+def backward_loss(model, i):
+    x = torch.full((2, 6), float(i))
+    return model(x).sum()
+
+
+def test_capture_on_a_compiled_model_stores_plain_names():
+    model = tiny_mlp()
+    compiled = torch.compile(model, backend="eager")
+    ref = capture_reference(compiled, [0], loss_fn=lambda m, i: backward_loss(m, i))
+    assert ref.names == [n for n, _ in model.named_parameters()]
+    opt = GuidedOptimizer(torch.optim.SGD(model.named_parameters(), lr=0.1), reference=ref)
+    assert opt.reference_mode == "sources"
+
+
+def test_misspelled_guidance_keyword_of_guided_adamw_lists_the_valid_ones():
+    with pytest.raises(TypeError, match="max_angel.*max_angle"):
+        GuidedAdamW(tiny_mlp().parameters(), max_angel=45)
+
+
+def test_misspelled_environment_variable_warns_with_the_closest_name(monkeypatch):
+    from sgg_optim.accelerate import GuidancePlugin
+
+    monkeypatch.setenv("SGG_MAXANGLE", "30")
+    with pytest.warns(UserWarning, match="SGG_MAXANGLE.*SGG_MAX_ANGLE"):
+        plugin = GuidancePlugin()
+    assert plugin.max_angle == 60.0
+    monkeypatch.delenv("SGG_MAXANGLE")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        GuidancePlugin()
