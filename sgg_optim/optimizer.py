@@ -124,6 +124,7 @@ class GuidedOptimizer(Optimizer):
         param_group = {**param_group, "params": params}
         self._check_params([p[1] if isinstance(p, tuple) else p for p in params])
         self.base_optimizer.add_param_group(param_group)
+        self._guidance.grow(self._num_blocks())
 
     def __getstate__(self) -> dict[str, Any]:
         return self.__dict__
@@ -287,10 +288,10 @@ class GuidedOptimizer(Optimizer):
 
         sources = st.num_sources > 0
         use_ema = not sources and cfg.direction != "off"
-        if use_ema:
-            for i, p in zip(index, params):
-                if i not in st.ema:
-                    st.ema[i] = zeros_store(local_shard(p), cfg.reference_dtype)
+        # EMA references start at zero on a parameter's first guided step; kept only if it is accepted.
+        new_ema = {i: zeros_store(local_shard(p), cfg.reference_dtype)
+                   for i, p in zip(index, params) if use_ema and i not in st.ema}
+        ema = {**st.ema, **new_ema}
         direction_on = cfg.direction != "off" and (sources or st.accepted >= cfg.warmup_steps)
         if not direction_on:
             refs: list[list[Optional[Store]]] = [[] for _ in params]
@@ -299,7 +300,7 @@ class GuidedOptimizer(Optimizer):
             refs = [st.sources.get(i, [None] * st.num_sources) for i in index]
             sqnorms = [st.source_sqnorms.get(i) for i in index]
         else:
-            refs, sqnorms = [[st.ema[i]] for i in index], None
+            refs, sqnorms = [[ema[i]] for i in index], None
         gram = self._device_gram(device) if (sources and st.num_sources > 1) else None
 
         def coefficients(stats_fn: Callable[..., Tensor]) -> tuple[Tensor, Coefficients, BlockState]:
@@ -342,9 +343,10 @@ class GuidedOptimizer(Optimizer):
             a = [a_host[blk] for _, blk, _ in guided]
             b = [b_host[blk * k:(blk + 1) * k] for _, blk, _ in guided]
 
-        ema_refs = [st.ema[i] for i in index] if use_ema else None
+        ema_refs = [ema[i] for i in index] if use_ema else None
         if direction_on or cfg.magnitude != "off" or use_ema:
             apply_guidance_(grads, refs, a, b, ema_refs, 1.0 - cfg.ema_beta)
+        st.ema.update(new_ema)
         st.blocks = new_blocks
         st.accepted += 1
         return True

@@ -78,6 +78,10 @@ class BlockState(NamedTuple):
         values = [saved.get(n) for n in names]
         if all(v is None for v in values):
             return None
+        unset = [n for n, v in zip(names, values) if v is None]
+        if unset:
+            raise ValueError(f"state_dict['guidance'] has {', '.join(unset)} unset but "
+                             f"{', '.join(n for n in names if n not in unset)} set: all three or none")
         shapes = {"norm_ema": (num_blocks,), "norm_count": (num_blocks,),
                   "align_ema": (num_blocks, max(num_sources, 1))}
         for name, value in zip(names, values):
@@ -89,8 +93,10 @@ class BlockState(NamedTuple):
             if tuple(value.shape) != shapes[name]:
                 raise ValueError(f"{where} has shape {tuple(value.shape)}, expected {shapes[name]} "
                                  f"({num_blocks} block(s), {num_sources} source(s))")
-            if not bool(torch.isfinite(value).all()) or bool((value < 0).any()) and name != "align_ema":
-                raise ValueError(f"{where} holds negative or non-finite values")
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"{where} holds non-finite values")
+            if name != "align_ema" and bool((value < 0).any()):
+                raise ValueError(f"{where} holds negative values")
         return BlockState(*values)
 
 
@@ -125,10 +131,22 @@ class GuidanceState:
         return GuidanceState(num_sources=num_sources, ema=self.ema if not num_sources else {}, sources=sources,
                              blocks=blocks, accepted=self.accepted, skipped=self.skipped)
 
+    def grow(self, num_blocks: int) -> None:
+        """Make room for blocks added by ``add_param_group``: they start with fresh
+        statistics and no source reference (their parameters are in none)."""
+        if self.blocks is not None and self.blocks.norm_ema.shape[0] < num_blocks:
+            self.blocks = self.blocks.resized(num_blocks, self.num_sources, self.blocks.norm_ema.device)
+        if self.gram is not None and self.gram.shape[0] < num_blocks:
+            k = self.gram.shape[1]
+            pad = self.gram.new_zeros(num_blocks - self.gram.shape[0], k, k)
+            self.gram = torch.cat([self.gram, pad])
+
     def block_state(self, num_blocks: int, device: torch.device) -> BlockState:
-        """The block state for this step, created or grown (``add_param_group``) as needed."""
+        """The block state a step starts from: the current one, or one created or grown
+        (``add_param_group``) for it. Not stored here: a skipped step must leave the
+        state as it was, so only an accepted step stores what it returns."""
         if self.blocks is None:
-            self.blocks = BlockState.zeros(num_blocks, self.num_sources, device)
-        elif not self.blocks.fits(num_blocks, self.num_sources, device):
-            self.blocks = self.blocks.resized(num_blocks, self.num_sources, device)
+            return BlockState.zeros(num_blocks, self.num_sources, device)
+        if not self.blocks.fits(num_blocks, self.num_sources, device):
+            return self.blocks.resized(num_blocks, self.num_sources, device)
         return self.blocks
