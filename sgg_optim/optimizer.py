@@ -24,9 +24,9 @@ from .config import GuidanceConfig
 from .functional import (FIGURES, Coefficients, apply_guidance_, block_stats, block_stats_rescaled,
                          guidance_coefficients)
 from .reference import Reference, param_names
-from .sharding import local_shard, shard_group
+from .sharding import ShardSpec, is_sharded, local_shard, local_slice, shard_group
 from .state import BlockState, GuidanceState
-from .storage import Store, zeros_store
+from .storage import Store, make_store, zeros_store
 
 ReferenceSpec = Union[str, Reference, Sequence[Reference]]
 
@@ -82,6 +82,7 @@ class GuidedOptimizer(Optimizer):
         self._guidance = GuidanceState()
         self._figures: Union[Tensor, list[float], None] = None
         self._ids_cache: Optional[tuple[Any, Tensor]] = None
+        self._param_ids: tuple[int, ...] = ()
         self.set_reference(reference)
 
     # -- forwarding: the base optimizer's structures, never copies ------------------
@@ -164,7 +165,10 @@ class GuidedOptimizer(Optimizer):
     def _guided(self) -> list[tuple[int, int, Tensor]]:
         """(flat index, block, param) of parameters that have a gradient this step."""
         out = []
-        for i, (gi, p) in enumerate(self._flat_params()):
+        flat = self._flat_params()
+        if tuple(map(id, (p for _, p in flat))) != self._param_ids:
+            self._follow_parameters()
+        for i, (gi, p) in enumerate(flat):
             if not p.requires_grad or p.grad is None:
                 continue
             if p.grad.is_sparse or p.grad.layout != torch.strided:
@@ -212,6 +216,33 @@ class GuidedOptimizer(Optimizer):
                   for i, (_, p) in enumerate(flat) if p.requires_grad}
         self._guidance = self._guidance.with_sources(stores, len(refs))
         self._prepare_sources()
+        self._param_ids = tuple(id(p) for _, p in flat)
+
+    def _follow_parameters(self) -> None:
+        """Re-fit the references after ``param_groups`` got new parameter objects.
+
+        Accelerate's FSDP2 ``prepare`` swaps each parameter for its sharded DTensor in
+        place (``fsdp2_switch_optimizer_parameters``); the state is keyed by position, so
+        it follows, but a reference taken on the full parameter must be cut to this
+        rank's shard. Runs on every rank at the same step (it may ``all_reduce``).
+        """
+        st, flat = self._guidance, self._flat_params()
+        storage = self.config.reference_dtype
+        for i, stores in [*((i, [s]) for i, s in st.ema.items()), *st.sources.items()]:
+            p = flat[i][1] if i < len(flat) else None
+            for j, store in enumerate(stores):
+                if p is None or store is None or store.shape == local_shard(p).shape:
+                    continue
+                if not (is_sharded(p) and store.shape == p.shape):
+                    raise ValueError(f"parameter {self._describe(i)} was replaced by one of another shape "
+                                     f"({tuple(store.shape)} before): set_reference again, or rebuild the optimizer")
+                stores[j] = make_store(local_slice(store.dense().to(local_shard(p).device), ShardSpec.of(p)),
+                                       storage)
+                if i in st.ema and j == 0 and st.ema[i] is store:
+                    st.ema[i] = stores[j]
+        if st.num_sources:
+            self._prepare_sources()
+        self._param_ids = tuple(id(p) for _, p in flat)
 
     def _prepare_sources(self) -> None:
         """Cache |r_i|^2 per tensor and the per-block Gram matrix; drop non-finite sources.

@@ -275,3 +275,38 @@ def test_misspelled_environment_variable_warns_with_the_closest_name(monkeypatch
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         GuidancePlugin()
+
+
+# -- a wrapper swaps the parameter objects (Accelerate's FSDP2 prepare) ------------------
+def test_references_and_state_follow_a_parameter_swap():
+    """Accelerate replaces each entry of param_groups[*]["params"] in place; the guidance
+    state is keyed by position, so references, EMA and statistics carry over."""
+    model, twin = tiny_mlp(), tiny_mlp()
+    refs = [_ref(model, seed=1), _ref(model, seed=2)]
+    opts = [GuidedOptimizer(torch.optim.SGD(m.named_parameters(), lr=0.1), reference=list(refs), max_angle=20)
+            for m in (model, twin)]
+    train(model, opts[0], 2)
+    train(twin, opts[1], 2)
+    swapped = {}
+    for group in opts[1].param_groups:  # new Parameter objects, same values, as after prepare()
+        group["params"] = [swapped.setdefault(id(p), torch.nn.Parameter(p.detach().clone())) for p in group["params"]]
+    for s in range(2, 5):
+        opts[0].zero_grad()
+        backward(model, s)
+        new = [p for g in opts[1].param_groups for p in g["params"]]
+        for p, q in zip(new, model.parameters()):
+            p.grad = q.grad.clone()  # before the step: guidance rewrites q.grad in place
+        opts[0].step()
+        opts[1].step()
+        assert opts[1].stats["weights"] == opts[0].stats["weights"]
+    for p, q in zip([p for g in opts[1].param_groups for p in g["params"]], model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_a_swap_to_another_shape_is_named():
+    model = tiny_mlp()
+    opt = GuidedOptimizer(torch.optim.SGD(model.named_parameters(), lr=0.1), reference=_ref(model))
+    opt.param_groups[0]["params"][0] = torch.nn.Parameter(torch.ones(3, 3))
+    opt.param_groups[0]["params"][0].grad = torch.ones(3, 3)
+    with pytest.raises(ValueError, match="replaced by one of another shape"):
+        opt.step()
