@@ -31,7 +31,8 @@ sys.path.insert(0, str(ROOT))
 import sgg_optim  # noqa: E402
 import sgg_optim.functional  # noqa: E402
 import sgg_optim.rules  # noqa: E402
-import sgg_optim.accelerate  # noqa: E402
+import sgg_optim.integrations.accelerate  # noqa: E402
+import sgg_optim.state  # noqa: E402
 import sgg_optim.integrations.transformers  # noqa: E402
 
 # The top-level names in reading order; anything else in __all__ follows, sorted.
@@ -305,14 +306,16 @@ def document_callable(page: Page, qual: str, name: str, obj: Any, level: int, mo
 
 def registry_text(value: Any) -> str:
     if isinstance(value, dict):
-        return ", ".join(f"`{k!r}`: `{getattr(v, '__name__', repr(v))}`" for k, v in value.items())
+        return ", ".join(f"`{k!r}`: `{getattr(getattr(v, 'fn', v), '__name__', repr(v))}`" for k, v in value.items())
     return f"`{value!r}`"
 
 
 def build() -> tuple[str, list[str]]:
     # Headings first (so links resolve forward as well as backward), then the text.
     modules = [("sgg_optim.rules", sgg_optim.rules), ("sgg_optim.functional", sgg_optim.functional),
-               ("sgg_optim.accelerate", sgg_optim.accelerate),
+               ("sgg_optim.state", sgg_optim.state),
+               ("sgg_optim.integrations.accelerate (import as sgg_optim.accelerate)",
+                sgg_optim.integrations.accelerate),
                ("sgg_optim.integrations.transformers", sgg_optim.integrations.transformers)]
     modules += [(f"sgg_optim.methods.{m}", importlib.import_module(f"sgg_optim.methods.{m}"))
                 for m in ("sgg_exact", "ltuning", "promot", "incontext", "retention")]

@@ -52,6 +52,7 @@ class BlockState(NamedTuple):
                           torch.zeros(num_blocks, max(num_sources, 1), device=device, dtype=dtype))
 
     def fits(self, num_blocks: int, num_sources: int, device: torch.device) -> bool:
+        """True if this state has ``num_blocks`` blocks and room for ``num_sources`` on ``device``."""
         return (self.norm_ema.shape[0] == num_blocks and self.align_ema.shape[1] == max(num_sources, 1)
                 and self.norm_ema.device == device)
 

@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 from transformers import TrainerCallback
 
-from ..accelerate import find_guided, flat_stats
+from .accelerate import find_guided, flat_stats
 
 
 class GuidanceCallback(TrainerCallback):
