@@ -13,6 +13,7 @@ import math
 import os
 import warnings
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
@@ -80,9 +81,7 @@ class GuidedOptimizer(Optimizer):
         self._ref_names: dict[Tensor, str] = {}  # names learnt from bound references, for messages
         self._check_params([p for _, p in self._flat_params()])
         self._guidance = GuidanceState()
-        self._figures: Union[Tensor, list[float], None] = None
-        self._ids_cache: Optional[tuple[Any, Tensor]] = None
-        self._param_ids: tuple[int, ...] = ()
+        self._step = _StepCache()
         self.set_reference(reference)
 
     # -- forwarding: the base optimizer's structures, never copies ------------------
@@ -166,7 +165,7 @@ class GuidedOptimizer(Optimizer):
         """(flat index, block, param) of parameters that have a gradient this step."""
         out = []
         flat = self._flat_params()
-        if tuple(map(id, (p for _, p in flat))) != self._param_ids:
+        if tuple(map(id, (p for _, p in flat))) != self._step.param_ids:
             self._follow_parameters()
         for i, (gi, p) in enumerate(flat):
             if not p.requires_grad or p.grad is None:
@@ -216,7 +215,7 @@ class GuidedOptimizer(Optimizer):
                   for i, (_, p) in enumerate(flat) if p.requires_grad}
         self._guidance = self._guidance.with_sources(stores, len(refs))
         self._prepare_sources()
-        self._param_ids = tuple(id(p) for _, p in flat)
+        self._step.param_ids = tuple(id(p) for _, p in flat)
 
     def _follow_parameters(self) -> None:
         """Re-fit the references after ``param_groups`` got new parameter objects.
@@ -242,7 +241,7 @@ class GuidedOptimizer(Optimizer):
                     st.ema[i] = stores[j]
         if st.num_sources:
             self._prepare_sources()
-        self._param_ids = tuple(id(p) for _, p in flat)
+        self._step.param_ids = tuple(id(p) for _, p in flat)
 
     def _prepare_sources(self) -> None:
         """Cache |r_i|^2 per tensor and the per-block Gram matrix; drop non-finite sources.
@@ -346,7 +345,7 @@ class GuidedOptimizer(Optimizer):
             b_blocks: Any = coef.b.float()
             a = list(a_blocks[block_ids].unbind())
             b = [list(row.unbind()) for row in b_blocks[block_ids]]
-            self._figures = coef.figures
+            self._step.figures = coef.figures
         else:
             # The step's one host read: finiteness, coefficients and figures together.
             host = self._host_read(stats, coef)
@@ -357,7 +356,7 @@ class GuidedOptimizer(Optimizer):
                     stats, coef, new_blocks = coefficients(block_stats_rescaled)
                     host = self._host_read(stats, coef)
                 else:
-                    self._figures = None
+                    self._step.figures = None
                     if cfg.nonfinite == "raise":
                         where = "another rank's shard" if bad < 0 else f"parameter {self._describe(bad)}"
                         raise FloatingPointError(f"non-finite gradient in {where} at step "
@@ -366,11 +365,11 @@ class GuidedOptimizer(Optimizer):
                     return False
             a_host, b_host = host[1:1 + num_blocks], host[1 + num_blocks:1 + num_blocks * (1 + k)]
             if not all(map(math.isfinite, a_host + b_host)):
-                self._figures = None
+                self._step.figures = None
                 raise FloatingPointError(f"guidance coefficients are not finite although the gradients are, at step "
                                          f"{st.accepted + st.skipped + 1}: nothing was changed; check the guidance "
                                          f"settings ({self.config})")
-            self._figures = host[1 + num_blocks * (1 + k):]
+            self._step.figures = host[1 + num_blocks * (1 + k):]
             a = [a_host[blk] for _, blk, _ in guided]
             b = [b_host[blk * k:(blk + 1) * k] for _, blk, _ in guided]
 
@@ -399,9 +398,9 @@ class GuidedOptimizer(Optimizer):
     def _device_block_ids(self, ids: tuple[int, ...], device: torch.device) -> Tensor:
         """Block index of each guided tensor, kept on the device: no host-to-device copy
         per step while the set of parameters with gradients stays the same."""
-        cached = self._ids_cache
+        cached = self._step.block_ids
         if cached is None or cached[0] != (ids, device):
-            cached = self._ids_cache = ((ids, device), torch.tensor(ids, device=device))
+            cached = self._step.block_ids = ((ids, device), torch.tensor(ids, device=device))
         return cached[1]
 
     def _device_gram(self, device: torch.device) -> Tensor:
@@ -436,11 +435,11 @@ class GuidedOptimizer(Optimizer):
         """
         st = self._guidance
         out: dict[str, Any] = {"step": st.accepted + st.skipped, "skipped": st.skipped}
-        figures = self._figures
+        figures = self._step.figures
         if figures is None:
             return out
         if isinstance(figures, Tensor):
-            figures = self._figures = figures.tolist()
+            figures = self._step.figures = figures.tolist()
         n = len(FIGURES)
         out.update(zip(FIGURES, figures[:n]))
         k = (len(figures) - n) // 2
@@ -476,6 +475,20 @@ class GuidedOptimizer(Optimizer):
         self._guidance = loaded
         if loaded.num_sources:
             self._prepare_sources()
+
+
+@dataclass
+class _StepCache:
+    """What the step keeps between calls besides the state: the last figures (for
+    ``stats``), the device copy of the block ids, the parameter identities last seen.
+
+    A plain object, not attributes of the optimizer: under ``torch.compile`` Dynamo
+    drops attribute writes to a ``torch.optim.Optimizer`` made inside the compiled
+    step (torch 2.13), but keeps those to an ordinary object it holds."""
+
+    figures: Union[Tensor, list[float], None] = None
+    block_ids: Optional[tuple[Any, Tensor]] = None
+    param_ids: tuple[int, ...] = ()
 
 
 def _needs_closure(optimizer: Optimizer) -> bool:
