@@ -105,8 +105,8 @@ class Candidate:
     def prepare(self, grads: list[torch.Tensor], g0: list[torch.Tensor]) -> None:
         """Fresh inputs for the next step (outside the timed region)."""
         torch._foreach_copy_(grads, g0)
-        if self.ema_init is not None and isinstance(self.opt, GuidedOptimizer) and self.opt._ema:
-            stores = [self.opt._ema[p] for p in self.params]
+        if self.ema_init is not None and isinstance(self.opt, GuidedOptimizer) and self.opt._guidance.ema:
+            stores = [self.opt._guidance.ema[i] for i in range(len(self.params))]
             torch._foreach_copy_([s.tensor for s in stores], self.ema_init)
 
     @property
@@ -117,8 +117,8 @@ class Candidate:
         if not isinstance(self.opt, GuidedOptimizer):
             return 0
         seen, total = set(), 0
-        stores = [s for ss in self.opt._sources.values() for s in ss if s is not None]
-        stores += list(self.opt._ema.values())
+        stores = [s for ss in self.opt._guidance.sources.values() for s in ss if s is not None]
+        stores += list(self.opt._guidance.ema.values())
         for s in stores:
             if id(s) not in seen:
                 seen.add(id(s))
@@ -283,16 +283,18 @@ def breakdown(c: Candidate, grads, g0, rounds: int, alternatives: bool = False, 
     c.prepare(grads, g0)
     guided = opt._guided()
     params = [p for _, _, p in guided]
+    index = [i for i, _, _ in guided]
+    st = opt._guidance
     num_blocks = opt._num_blocks()
     block_ids = torch.tensor([b for _, b, _ in guided])
     ema = c.kind == "ema"
     if ema:
-        refs = [[opt._ema[p]] for p in params]
+        refs = [[st.ema[i]] for i in index]
         sqn = None
-        ema_refs, ema_w = [opt._ema[p] for p in params], 1.0 - cfg.ema_beta
+        ema_refs, ema_w = [st.ema[i] for i in index], 1.0 - cfg.ema_beta
     else:
-        refs = [opt._sources[p] for p in params]
-        sqn = [opt._source_sqnorms[p] for p in params]
+        refs = [st.sources[i] for i in index]
+        sqn = [st.source_sqnorms[i] for i in index]
         ema_refs, ema_w = None, 0.0
     stores = [rs[0] for rs in refs]
 
@@ -304,16 +306,17 @@ def breakdown(c: Candidate, grads, g0, rounds: int, alternatives: bool = False, 
         ids = tuple(b for _, b, _ in gd)
         opt._device_block_ids(ids, ps[0].device) if hasattr(opt, "_device_block_ids") else torch.tensor(ids)
         if ema:
-            [[opt._ema[p]] for _, _, p in gd]
+            [[st.ema[i]] for i, _, _ in gd]
         else:
-            [opt._sources.get(p) for _, _, p in gd]
-            [opt._source_sqnorms.get(p) for _, _, p in gd]
+            [st.sources.get(i) for i, _, _ in gd]
+            [st.source_sqnorms.get(i) for i, _, _ in gd]
 
     stats = block_stats(grads, refs, block_ids, num_blocks, sqn)
 
-    def coefficients():
-        return guidance_coefficients(stats, cfg, direction_on=True, norm_ema=opt._norm_ema,
-                                     norm_count=opt._norm_count, align_ema=opt._align_ema, gram=None)
+    blocks = st.block_state(num_blocks, grads[0].device)
+
+    def coefficients():  # includes the update of the block state (the old separate commit)
+        return guidance_coefficients(stats, blocks, cfg, direction_on=True, gram=None)[0]
 
     coef = coefficients()
     k = coef.b.shape[1]
@@ -328,22 +331,15 @@ def breakdown(c: Candidate, grads, g0, rounds: int, alternatives: bool = False, 
     assert a[0] != 1.0 and b[0][0] != 0.0, "breakdown expects the active regime"
     a0, b0 = a[0], b[0][0]
 
-    def commit():
-        if "gg" in inspect.signature(opt._commit).parameters:
-            opt._commit(stats[:, 0], coef, None)
-        else:  # older signature
-            opt._commit(coef, None)
-
     # name -> (fn, needs fresh inputs, group)
     stages: dict[str, tuple[Callable[[], object], bool, str]] = {
         "bookkeeping (_guided, block ids, ref lists)": (bookkeeping, False, "stage"),
         "statistics pass: block_stats": (lambda: block_stats(grads, refs, block_ids, num_blocks, sqn), False,
                                          "stage"),
-        "coefficient math: guidance_coefficients": (coefficients, False, "stage"),
+        "coefficient math + state update: guidance_coefficients": (coefficients, False, "stage"),
         "host read: cat(...).tolist()": (host_read, False, "stage"),
         "apply pass: apply_guidance_" + (" (incl. EMA lerp_)" if ema else ""):
             (lambda: apply_guidance_(grads, refs, a, b, ema_refs, ema_w), True, "stage"),
-        "EMA-of-norms commit: _commit": (commit, False, "stage"),
         "base step: fused AdamW": (lambda: opt.base_optimizer.step(), True, "stage"),
         "full guided step": (lambda: opt.step(), True, "total"),
         "  stats: |g|^2 by torch._foreach_norm": (lambda: torch._foreach_norm(grads), False, "part"),
@@ -770,7 +766,7 @@ def main() -> None:
             "## Where the guided step's time goes (global scope, active regime)",
             "",
             "Each stage of `GuidedOptimizer._guide` called directly (`sgg_optim.functional.block_stats`, "
-            "`guidance_coefficients`, the host read, `apply_guidance_`, `_commit`) with the optimizer's own "
+            "`guidance_coefficients` with its state update, the host read, `apply_guidance_`) with the optimizer's own "
             f"inputs ({len(params)} gradients and their references), plus the base fused AdamW step and the "
             f"full guided step, all in one shuffled round-robin per table ({rounds} rounds; gradients and EMA "
             "state reset outside the timed region before every stage that writes them). Indented rows split a "
