@@ -28,8 +28,13 @@ def adapter_named_parameters(model: nn.Module) -> list[tuple[str, Tensor]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-def check_only_adapters_train(model: nn.Module, adapter_marker: str = "lora_") -> None:
+def check_only_adapters_train(model: nn.Module, adapter_marker: str = "lora_",
+                              allowed: tuple[str, ...] = ("modules_to_save",)) -> None:
     """Raise ``ValueError`` naming the first trainable parameter that is not an adapter.
+
+    Parameters under PEFT's ``modules_to_save`` are allowed: PEFT keeps them trainable on
+    purpose (``task_type="SEQ_CLS"`` does so for the classification head), as full copies
+    beside the frozen originals, so the base weights still never change.
 
     Example:
         >>> import torch
@@ -39,9 +44,10 @@ def check_only_adapters_train(model: nn.Module, adapter_marker: str = "lora_") -
         ValueError: parameter 'weight' trains but is not an adapter (no 'lora_' in its name); freeze it ...
     """
     for name, p in model.named_parameters():
-        if p.requires_grad and adapter_marker not in name:
+        if p.requires_grad and adapter_marker not in name and not any(a in name for a in allowed):
             raise ValueError(f"parameter {name!r} trains but is not an adapter (no {adapter_marker!r} in its "
-                             "name); freeze it (peft.get_peft_model does) before building the optimizer")
+                             "name); freeze it (peft.get_peft_model does) before building the optimizer, or "
+                             "list its module in LoraConfig(modules_to_save=[...]) if it should train")
 
 
 def base_weight_bytes(model: nn.Module) -> dict[str, Any]:

@@ -7,6 +7,7 @@ carries ``guidance/cos``, ``guidance/scale``, ... beside ``loss``.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional
 
 from transformers import TrainerCallback
@@ -31,8 +32,25 @@ class GuidanceCallback(TrainerCallback):
     def __init__(self, prefix: str = "guidance/") -> None:
         self.prefix = prefix
 
+    def on_train_begin(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
+        """Warn once when the Trainer's own clipping would pre-empt guidance's magnitude rule.
+
+        The Trainer clips to ``max_grad_norm`` (default 1.0) *before* ``optimizer.step()``:
+        the magnitude rule then sees gradients that are already clipped (the adaptive
+        rule rarely acts), and ``guidance/grad_norm`` is the clipped norm, not the
+        Trainer's logged ``grad_norm``. Pass ``max_grad_norm=0`` to leave magnitude to guidance.
+        """
+        guided = find_guided(optimizer)
+        clip = getattr(args, "max_grad_norm", 0) or 0
+        if guided is not None and clip > 0 and guided.config.magnitude != "off":
+            warnings.warn(f"TrainingArguments.max_grad_norm={clip} clips gradients before the guided optimizer, "
+                          f"so magnitude={guided.config.magnitude!r} sees clipped gradients; pass "
+                          "max_grad_norm=0 to let guidance control magnitude (docs/usage.md)", UserWarning,
+                          stacklevel=2)
+
     def on_log(self, args: Any, state: Any, control: Any, logs: Optional[dict[str, Any]] = None,
                optimizer: Any = None, **kwargs: Any) -> None:
+        """Add ``guidance/*`` figures to a training log (not to evaluation logs)."""
         if logs is None or not _is_training_log(logs):
             return
         guided = find_guided(optimizer)

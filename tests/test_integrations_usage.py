@@ -1,0 +1,54 @@
+"""The Trainer and PEFT set-ups the usage guide recommends, as a new user runs them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sgg_optim.integrations.peft import check_only_adapters_train
+
+
+def test_peft_classification_head_in_modules_to_save_is_accepted():
+    peft = pytest.importorskip("peft")
+    from transformers import BertConfig, BertForSequenceClassification
+
+    model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                                     num_attention_heads=2, intermediate_size=32, num_labels=2))
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    trainable = [n for n, p in lora.named_parameters() if p.requires_grad]
+    assert any("modules_to_save" in n for n in trainable)  # PEFT keeps the head trainable
+    check_only_adapters_train(lora)
+    next(p for n, p in lora.named_parameters() if "word_embeddings" in n).requires_grad_(True)
+    with pytest.raises(ValueError, match="word_embeddings.*trains but is not an adapter"):
+        check_only_adapters_train(lora)
+
+
+def _trainer(max_grad_norm, tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+
+    from sgg_optim import GuidedAdamW
+    from sgg_optim.integrations.transformers import GuidanceCallback
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                                     num_attention_heads=2, intermediate_size=32, num_labels=2))
+    data = [{"input_ids": torch.randint(0, 50, (8,)), "labels": i % 2} for i in range(16)]
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=4, logging_steps=2,
+                             max_grad_norm=max_grad_norm, report_to=[], use_cpu=True, save_strategy="no",
+                             disable_tqdm=True)
+    return Trainer(model=model, args=args, train_dataset=data, callbacks=[GuidanceCallback()],
+                   optimizer_cls_and_kwargs=(GuidedAdamW, {"lr": 1e-3, "warmup_steps": 0}))
+
+
+def test_callback_warns_once_when_the_trainer_clips_before_guidance(tmp_path, recwarn):
+    _trainer(1.0, tmp_path).train()
+    clip = [w for w in recwarn if "max_grad_norm=1.0 clips" in str(w.message)]
+    assert len(clip) == 1
+
+
+def test_callback_is_quiet_and_logs_guidance_with_max_grad_norm_0(tmp_path, recwarn):
+    trainer = _trainer(0.0, tmp_path)
+    trainer.train()
+    assert not [w for w in recwarn if "clips gradients before" in str(w.message)]
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert logs and all("guidance/cos" in h and "guidance/grad_norm" in h for h in logs)
