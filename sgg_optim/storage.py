@@ -217,7 +217,133 @@ class Int8Store:
         return self.codes.numel() + self.absmax.numel() * 4
 
 
-Store = Union[DenseStore, Int8Store]
+LINEAR_BLOCKSIZE = 1024
+_last_linear: Optional[tuple[Tensor, Tensor, tuple[int, int], Tensor]] = None
+
+
+class LinearInt8Store:
+    """A reference quantised blockwise to signed int8 on a linear grid:
+    ``r ~ codes * scale[block]``, ``scale = absmax / 127`` per block of
+    :data:`LINEAR_BLOCKSIZE` elements.
+
+    Plain torch ops (no code-book lookup), so they vectorise and compile. Costs 1 byte
+    per element plus 4 per block (about 1.004 bytes per parameter). Works chunk by chunk
+    (chunks are whole blocks), never holding a full fp32 copy.
+
+    Example:
+        >>> s = LinearInt8Store.quantize(torch.tensor([0.5, -1.0, 0.25]))
+        >>> s.codes.tolist(), round(s.sqnorm().item(), 4)
+        ([64, -127, 32], 1.3174)
+    """
+
+    blocksize = LINEAR_BLOCKSIZE
+
+    def __init__(self, codes: Tensor, scale: Tensor, shape: torch.Size) -> None:
+        self.codes, self.scale, self._shape = codes, scale, torch.Size(shape)
+
+    @classmethod
+    def quantize(cls, x: Tensor) -> "LinearInt8Store":
+        flat = x.detach().reshape(-1)
+        n = flat.numel()
+        codes = torch.empty(n, dtype=torch.int8, device=x.device)
+        scale = torch.empty(-(-n // cls.blocksize), dtype=torch.float32, device=x.device)
+        store = cls(codes, scale, x.shape)
+        for (s, e), blocks in store._chunks():
+            store._encode(flat[s:e].float(), s, e, blocks)
+        return store
+
+    @classmethod
+    def zeros(cls, shape: torch.Size, device: torch.device) -> "LinearInt8Store":
+        n = shape.numel()
+        return cls(torch.zeros(n, dtype=torch.int8, device=device),
+                   torch.zeros(-(-n // cls.blocksize), dtype=torch.float32, device=device), shape)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self._shape
+
+    def _chunks(self) -> Iterator[tuple[tuple[int, int], slice]]:
+        for s, e in _spans(self.codes.numel(), _CHUNK):  # _CHUNK is a multiple of the blocksize
+            yield (s, e), slice(s // self.blocksize, -(-e // self.blocksize))
+
+    def _blocked(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(whole blocks as ``[m, blocksize]``, the short last block) of a chunk."""
+        full = x.numel() // self.blocksize * self.blocksize
+        return x[:full].view(-1, self.blocksize), x[full:]
+
+    def _encode(self, x: Tensor, s: int, e: int, blocks: slice) -> None:
+        body, tail = self._blocked(x)
+        scale = self.scale[blocks]
+        parts = [body.abs().amax(dim=1)] + ([tail.abs().amax().reshape(1)] if tail.numel() else [])
+        torch.div(torch.cat(parts), 127.0, out=scale)
+        inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+        codes_body, codes_tail = self._blocked(self.codes[s:e])
+        codes_body.copy_((body * inv[:body.shape[0], None]).round_())
+        if tail.numel():
+            codes_tail.copy_((tail * inv[-1]).round_())
+
+    def _dequant(self, s: int, e: int, blocks: slice) -> Tensor:
+        # Same one-chunk cache as Int8Store: dot then sqnorm, add_to_ then lerp_ read it twice.
+        global _last_linear
+        single = e - s == self.codes.numel()
+        if single and _last_linear is not None:
+            codes, scale, versions, values = _last_linear
+            if codes is self.codes and scale is self.scale and versions == (codes._version, scale._version):
+                return values
+        body, tail = self._blocked(self.codes[s:e])
+        scale = self.scale[blocks]
+        out = torch.empty(e - s, device=self.codes.device)
+        out_body, out_tail = self._blocked(out)
+        torch.mul(body, scale[:body.shape[0], None], out=out_body)
+        if tail.numel():
+            torch.mul(tail, scale[-1], out=out_tail)
+        if single:
+            _last_linear = (self.codes, self.scale, (self.codes._version, self.scale._version), out)
+        return out
+
+    def _values(self) -> Iterator[tuple[tuple[int, int], Tensor]]:
+        for (s, e), blocks in self._chunks():
+            yield (s, e), self._dequant(s, e, blocks)
+
+    def dot(self, g: Tensor) -> Tensor:
+        gf = g.reshape(-1)
+        return sum((torch.dot(gf[s:e].float(), r) for (s, e), r in self._values()),
+                   torch.zeros((), device=g.device))
+
+    def sqnorm(self) -> Tensor:
+        return sum((torch.dot(r, r) for _, r in self._values()), torch.zeros((), device=self.codes.device))
+
+    def add_to_(self, g: Tensor, b: Scalar) -> None:
+        if not g.is_contiguous():  # e.g. channels_last: no flat view to write through
+            r = self.dense().view(g.shape)
+            g.add_(r, alpha=b) if isinstance(b, float) else g.addcmul_(r, b)
+            return
+        gf = g.view(-1)
+        for (s, e), r in self._values():
+            gf[s:e].add_(r, alpha=b) if isinstance(b, float) else gf[s:e].addcmul_(r, b)
+
+    def lerp_(self, g: Tensor, w: float) -> None:
+        gf = g.reshape(-1)
+        for (s, e), blocks in self._chunks():
+            self._encode(self._dequant(s, e, blocks).lerp_(gf[s:e].float(), w), s, e, blocks)
+
+    def dense(self) -> Tensor:
+        return torch.cat([self.codes.new_empty(0, dtype=torch.float32), *(r for _, r in self._values())]
+                         ).view(self._shape)
+
+    def state(self) -> dict[str, Tensor]:
+        return {"codes": self.codes, "scale": self.scale}
+
+    def nbytes(self) -> int:
+        return self.codes.numel() + self.scale.numel() * 4
+
+
+Store = Union[DenseStore, Int8Store, LinearInt8Store]
+Int8Kind = Union[type[Int8Store], type[LinearInt8Store]]
+# The two int8 codes: bitsandbytes' dynamic code book and a linear grid. New int8
+# references use INT8; states of either kind load (benchmarks/int8_store.py compares them).
+INT8_CODES: dict[str, Int8Kind] = {"dynamic": Int8Store, "linear": LinearInt8Store}
+INT8: Int8Kind = Int8Store
 
 
 def make_store(x: Tensor, storage: str) -> Store:
@@ -229,14 +355,14 @@ def make_store(x: Tensor, storage: str) -> Store:
         (torch.bfloat16, 25.0)
     """
     if storage == "int8":
-        return Int8Store.quantize(x)
+        return INT8.quantize(x)
     return DenseStore(x.detach().to(_DTYPES[storage], memory_format=torch.contiguous_format, copy=True))
 
 
 def zeros_store(like: Tensor, storage: str) -> Store:
     """A zero reference shaped like ``like``, e.g. the start of an EMA reference."""
     if storage == "int8":
-        return Int8Store.zeros(like.shape, like.device)
+        return INT8.zeros(like.shape, like.device)
     return DenseStore(torch.zeros(like.shape, device=like.device, dtype=_DTYPES[storage]))
 
 
@@ -244,9 +370,19 @@ def store_from_state(state: dict[str, Tensor], shape: torch.Size, storage: str) 
     """Rebuild a store from :meth:`state`, checking it matches ``shape`` and ``storage``."""
     if not isinstance(state, dict) or not all(isinstance(t, Tensor) for t in state.values()):
         raise ValueError("expected a dict of tensors")
+    if storage == "int8" and set(state) == {"codes", "scale"}:
+        codes, scale = state["codes"], state["scale"]
+        blocks = -(-shape.numel() // LinearInt8Store.blocksize)
+        if codes.dtype != torch.int8 or codes.dim() != 1 or codes.numel() != shape.numel():
+            raise ValueError(f"int8 reference has codes {codes.dtype} of shape {tuple(codes.shape)}, "
+                             f"expected torch.int8 of shape ({shape.numel()},)")
+        if scale.dtype != torch.float32 or tuple(scale.shape) != (blocks,):
+            raise ValueError(f"int8 reference has scale {scale.dtype} of shape {tuple(scale.shape)}, "
+                             f"expected float32 of shape ({blocks},)")
+        return LinearInt8Store(codes, scale, shape)
     if storage == "int8":
         if set(state) != {"codes", "absmax"} or state["codes"].dtype != torch.uint8:
-            raise ValueError(f"expected int8 reference state (codes, absmax), got {sorted(state)}")
+            raise ValueError(f"expected int8 reference state (codes, scale) or (codes, absmax), got {sorted(state)}")
         codes, absmax = state["codes"], state["absmax"]
         if codes.dim() != 1 or codes.numel() != shape.numel():
             raise ValueError(f"int8 reference has codes of shape {tuple(codes.shape)}, expected ({shape.numel()},)")
