@@ -16,14 +16,16 @@ import torch
 bnb = pytest.importorskip("bitsandbytes")
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
+from conftest import GradientWatch
+
 from sgg_optim import GuidedAdamW8bit, GuidedOptimizer, GuidedPagedAdamW8bit
 from sgg_optim.functional import block_stats
 from sgg_optim.storage import (
     _CHUNK,
     INT8_BLOCKSIZE,
-    DenseStore,
     Int8Store,
     make_store,
+    store_from_state,
     zeros_store,
 )
 
@@ -167,7 +169,11 @@ def test_param_groups_keep_their_identity(quiet_paged):
 
 def test_global_optim_manager_overrides_survive_guidance():
     """GlobalOptimManager keys on (group index, param index) and id(param): guidance
-    must leave both as they are, so a per-parameter override still applies."""
+    must leave both as they are, so a per-parameter override still applies, while
+    guidance really rewrites the gradients bnb steps with.
+
+    Guards: apply_guidance_ not writing the gradients (EMA update kept).
+    """
     mng = bnb.optim.GlobalOptimManager.get_instance()
     saved = (dict(mng.pid2config), dict(mng.index2config), mng.uses_config_override)
     model = mlp()
@@ -175,24 +181,44 @@ def test_global_optim_manager_overrides_survive_guidance():
         mng.register_parameters(model.parameters())
         opt = GuidedAdamW8bit(model.parameters(), lr=1e-2, warmup_steps=1)
         mng.override_config(model[0].weight, "optim_bits", 32)
+        watch = GradientWatch(opt)
         run(model, opt, 3)
         assert opt.state[model[0].weight]["state1"].dtype == torch.float32  # overridden
         assert opt.state[model[2].weight]["state1"].dtype == torch.uint8  # not overridden
         assert opt.stats["step"] == 3 and math.isfinite(opt.stats["cos"])
+        watch.assert_rewrote_where_reported(min_steps=2)  # guidance ran: steps 2 and 3
     finally:
         mng.pid2config, mng.index2config, mng.uses_config_override = saved
 
 
 # -- guided 8-bit optimizers train -----------------------------------------------------------
-@pytest.mark.parametrize("make", [
-    lambda p: GuidedAdamW8bit(p, lr=3e-3, direction="cone", magnitude="adaptive", max_angle=45, warmup_steps=5),
-    lambda p: GuidedPagedAdamW8bit(p, lr=3e-3, direction="cone", magnitude="adaptive", max_angle=45,
-                                   warmup_steps=5),
-    lambda p: GuidedOptimizer(bnb.optim.PagedAdamW8bit(p, lr=3e-3), direction="project", warmup_steps=5),
-], ids=["adamw8bit", "paged_adamw8bit", "wrapped_paged"])
-def test_guided_bnb_optimizers_train(make, quiet_paged):
-    model = mlp()
+# (guided optimizer, the same bnb optimizer unguided)
+TRAINED = {
+    "adamw8bit": (lambda p: GuidedAdamW8bit(p, lr=3e-3, direction="cone", magnitude="adaptive", max_angle=45,
+                                            warmup_steps=5),
+                  lambda p: bnb.optim.AdamW8bit(p, lr=3e-3)),
+    "paged_adamw8bit": (lambda p: GuidedPagedAdamW8bit(p, lr=3e-3, direction="cone", magnitude="adaptive",
+                                                       max_angle=45, warmup_steps=5),
+                        lambda p: bnb.optim.PagedAdamW8bit(p, lr=3e-3)),
+    # per-tensor blocks: the EMA reference conflicts with some biases' gradients
+    "wrapped_paged": (lambda p: GuidedOptimizer(bnb.optim.PagedAdamW8bit(p, lr=3e-3), direction="project",
+                                                scope="tensor", warmup_steps=5),
+                      lambda p: bnb.optim.PagedAdamW8bit(p, lr=3e-3)),
+}
+
+
+@pytest.mark.parametrize("name", list(TRAINED))
+def test_guided_bnb_optimizers_train(name, quiet_paged):
+    """Guided 8-bit optimizers train, and guidance is really active: bnb steps with the
+    rewritten gradients on every step whose stats report a rule acting (and only
+    there), and the parameters end up elsewhere than the unguided run's.
+
+    Guards: apply_guidance_ not writing the gradients (EMA update kept).
+    """
+    make, make_plain = TRAINED[name]
+    model, plain = mlp(), mlp()
     opt = make(model.parameters())
+    watch = GradientWatch(opt)
     with torch.no_grad():
         start = sum(loss_at(model, 1000 + i).item() for i in range(4)) / 4
     losses = run(model, opt, 60)
@@ -202,34 +228,49 @@ def test_guided_bnb_optimizers_train(make, quiet_paged):
     assert end < 0.5 * start, (start, end)
     stats = opt.stats
     assert stats["step"] == 60 and stats["skipped"] == 0
-    assert math.isfinite(stats["cos"])  # guidance was active, not bypassed
+    assert math.isfinite(stats["cos"])
     assert opt.state[model[0].weight]["state1"].dtype == torch.uint8
+    watch.assert_rewrote_where_reported(min_steps=5)
+    run(plain, make_plain(plain.parameters()), 60)  # pass-through is bit-identical to this run
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), plain.parameters()))
+
+
+def ema_references(opt: torch.optim.Optimizer, model: torch.nn.Module, storage: str) -> list:
+    """The EMA reference of each parameter, rebuilt from the checkpoint format."""
+    refs = opt.state_dict()["guidance"]["refs"]
+    return [store_from_state(refs[i]["ema"], p.shape, storage) for i, p in enumerate(model.parameters())]
 
 
 @pytest.mark.parametrize("storage", ["bf16", "int8"])
 def test_low_precision_ema_reference_trains_and_stays_finite(storage):
+    """The bf16/int8 EMA reference is held in that storage, trains, and tracks the fp32 one.
+
+    Guards: apply_guidance_ not writing the gradients; the EMA reference kept in fp32 whatever reference_dtype says.
+    """
     model, twin = mlp(), mlp()
     opt = GuidedAdamW8bit(model.parameters(), lr=3e-3, max_angle=45, warmup_steps=5, reference_dtype=storage)
     ref32 = GuidedAdamW8bit(twin.parameters(), lr=3e-3, max_angle=45, warmup_steps=5)
+    watch = GradientWatch(opt)
     with torch.no_grad():
         start = loss_at(model, 999).item()
     run(model, opt, 60)
     run(twin, ref32, 60)
     with torch.no_grad():
         end, end32 = loss_at(model, 999).item(), loss_at(twin, 999).item()
-    store = opt._guidance.ema[0]  # model[0].weight
-    assert isinstance(store, Int8Store if storage == "int8" else DenseStore)
-    if storage == "bf16":
-        assert store.tensor.dtype == torch.bfloat16
-    for i, p in enumerate(model.parameters()):
-        ema = opt._guidance.ema[i].dense()
-        assert torch.isfinite(ema).all() and ema.abs().sum() > 0
+    stored = {i: {n: t.dtype for n, t in entry["ema"].items()}
+              for i, entry in opt.state_dict()["guidance"]["refs"].items()}
+    want = {"codes": torch.uint8, "absmax": torch.float32} if storage == "int8" else {"values": torch.bfloat16}
+    assert stored == {i: want for i in range(4)}
+    emas = ema_references(opt, model, storage)
+    for ema, p in zip(emas, model.parameters()):
+        assert torch.isfinite(ema.dense()).all() and ema.dense().abs().sum() > 0
         assert torch.isfinite(p).all()
     assert end < 0.5 * start
     assert end < 1.5 * end32  # low-precision storage costs little against fp32
+    watch.assert_rewrote_where_reported(min_steps=5)
     # The low-precision EMA tracks the fp32 one of the twin run closely.
-    a = torch.cat([s.dense().flatten() for s in opt._guidance.ema.values()])
-    b = torch.cat([s.dense().flatten() for s in ref32._guidance.ema.values()])
+    a = torch.cat([s.dense().flatten() for s in emas])
+    b = torch.cat([s.dense().flatten() for s in ema_references(ref32, twin, "fp32")])
     assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.9
 
 
@@ -246,8 +287,10 @@ def test_int8_ema_state_dict_round_trip():
             loss_at(m, s).backward()
             o.step()
     assert_bit_identical(model, opt, clone, opt2)
-    for i, _ in enumerate(model.parameters()):
-        assert torch.equal(opt._guidance.ema[i].codes, opt2._guidance.ema[i].codes)
+    refs, refs2 = opt.state_dict()["guidance"]["refs"], opt2.state_dict()["guidance"]["refs"]
+    assert sorted(refs) == sorted(refs2) == [0, 1, 2, 3]
+    for i in refs:
+        assert torch.equal(refs[i]["ema"]["codes"], refs2[i]["ema"]["codes"])
 
 
 # -- int8 reference storage ---------------------------------------------------------------

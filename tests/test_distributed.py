@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import backward, batch, tiny_mlp
+from conftest import GradientWatch, backward, batch, tiny_mlp
 
 from sgg_optim import GuidedOptimizer
 from sgg_optim.accelerate import GuidancePlugin, find_guided
@@ -93,6 +93,13 @@ def assert_close(a: dict, b: dict, atol: float) -> None:
         assert err <= atol, f"{name}: max |diff| {err:.3g} > {atol:.1g}"
 
 
+def assert_rewrote_gradients(rank: dict, min_steps: int) -> None:
+    """The rank's gradients were changed by guidance (its GradientWatch: before vs after
+    guidance) on exactly the steps whose stats report a rule acting, at least ``min_steps``."""
+    assert rank["changed"] == rank["acted"], list(zip(rank["changed"], rank["acted"]))
+    assert sum(rank["changed"]) >= min_steps, rank["changed"]
+
+
 def assert_guided_on_synced_steps(rank: dict) -> None:
     """Guidance ran once per optimizer step, only on sync steps, on all-reduced grads;
     the SGG_* settings reached the run, and guidance did change gradients."""
@@ -101,6 +108,27 @@ def assert_guided_on_synced_steps(rank: dict) -> None:
     assert len(rank["seen"]) == STEPS
     assert all(s["sync"] and s["grads_equal"] for s in rank["seen"]), rank["seen"]
     assert max(s["projected"] for s in rank["stats"]) > 0
+    assert_rewrote_gradients(rank, min_steps=STEPS - 2 - 2)  # after the 2-step warm-up, most steps
+
+
+def unguided_params(grad_accum: int = 1) -> dict[str, torch.Tensor]:
+    """The 1-process run without guidance: plain AdamW over the same global batches
+    (conftest's tiny_mlp and batch are the worker's model and global micro-batches)."""
+    model = tiny_mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(STEPS):
+        opt.zero_grad()
+        for micro in range(grad_accum):
+            x, y = batch(step * grad_accum + micro)
+            (torch.nn.functional.cross_entropy(model(x), y) / grad_accum).backward()
+        opt.step()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def assert_far_from_unguided(params: dict, unguided: dict, atol: float) -> None:
+    """Guidance moved the parameters well beyond the comparison tolerance."""
+    diff = max((params[n] - unguided[n]).abs().max().item() for n in params)
+    assert diff > 100 * atol, f"guided run within {diff:.3g} of the unguided one"
 
 
 # (name, worker args, tolerance against the 1-process run)
@@ -118,6 +146,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_ddp_two_processes_match_one(case, tmp_path):
+    """Guards: apply_guidance_ not writing the gradients (EMA update kept)."""
     args, atol = CASES[case]
     run_all(one_process(tmp_path / "one", *args), torchrun(tmp_path / "two", *args))
     (one,), two = results(tmp_path / "one", 1), results(tmp_path / "two", 2)
@@ -129,11 +158,14 @@ def test_ddp_two_processes_match_one(case, tmp_path):
         assert a["projected"] == b["projected"]
     mode = "sources" if case == "source" else "ema"
     assert one["reference_mode"] == two[0]["reference_mode"] == mode
+    if case != "bf16":  # (bf16 autocast moves the unguided run too)
+        assert_far_from_unguided(one["params"], unguided_params(2 if case == "accum2" else 1), atol)
     if case == "source":  # guided from the first step, no warm-up
         assert not math.isnan(two[0]["stats"][0]["cos"])
 
 
 def test_fsdp2_matches_ddp_with_one_small_all_reduce_per_step(tmp_path):
+    """Guards: apply_guidance_ not writing the gradients (EMA update kept)."""
     fsdp = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
             str(WORKER.parent / "fsdp_worker.py"), "--out", str(tmp_path / "fsdp")]
     run_all(fsdp, torchrun(tmp_path / "ddp"), torchrun(tmp_path / "ddp_source", "--reference", "source"))
@@ -141,9 +173,11 @@ def test_fsdp2_matches_ddp_with_one_small_all_reduce_per_step(tmp_path):
     ddp_source = results(tmp_path / "ddp_source", 2)
     assert_ranks_identical(sharded)
     assert_close(sharded[0]["params"], ddp[0]["params"], 1e-6)
+    assert_far_from_unguided(sharded[0]["params"], unguided_params(), 1e-6)
     total = sum(v.numel() for v in ddp[0]["params"].values())
     for rank in sharded:
         assert rank["local_numel"] < total  # the gradients really were sharded
+        assert_rewrote_gradients(rank, min_steps=STEPS - 2 - 2)  # each rank's shards were guided
         assert all(s["dtensor_grads"] for s in rank["stats"])
         # one all_reduce per step, of the [blocks, 1 + 2k] float64 statistics (1 block;
         # k = 0 during the EMA warm-up, then 1)
@@ -176,6 +210,10 @@ def test_two_nodes_match_one_process(tmp_path):
 
 
 def test_save_state_resume_is_bit_identical(tmp_path):
+    """The resumed steps must really be guided, or an unguided resume would match too.
+
+    Guards: apply_guidance_ not writing the gradients (EMA update kept).
+    """
     state = tmp_path / "state"
     run_all(torchrun(tmp_path / "full", "--save-at", "3", "--state-dir", str(state)))
     saved = torch.load(state / "optimizer.bin", weights_only=True)
@@ -183,6 +221,8 @@ def test_save_state_resume_is_bit_identical(tmp_path):
     run_all(torchrun(tmp_path / "resumed", "--load-state", str(state)))
     full, resumed = results(tmp_path / "full", 2), results(tmp_path / "resumed", 2)
     assert len(resumed[0]["stats"]) == STEPS - 3  # it really started from step 3
+    for rank in resumed:
+        assert_rewrote_gradients(rank, min_steps=2)
     assert_ranks_identical(resumed)
     for f, r in zip(full, resumed):
         for name, value in f["params"].items():
@@ -234,6 +274,7 @@ def _scaled_step(model, opt, scaler, step, inject_inf=False):
 
 @pytest.mark.parametrize("through_accelerate", [False, True])
 def test_grad_scaler_skips_inf_step_and_guidance_sees_unscaled_grads(through_accelerate, request):
+    """Guards: apply_guidance_ not writing the gradients (EMA update kept)."""
     model = tiny_mlp()
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
     if through_accelerate:
@@ -244,6 +285,7 @@ def test_grad_scaler_skips_inf_step_and_guidance_sees_unscaled_grads(through_acc
         opt = guided = GuidedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), warmup_steps=2, max_angle=20)
     guidance_grads = []
     guided.register_step_pre_hook(lambda o, a, k: guidance_grads.append([p.grad.clone() for p in model.parameters()]))
+    watch = GradientWatch(guided)
     for step in range(4):
         _scaled_step(model, opt, scaler, step)
     assert guided.stats["step"] == 4 and guided.stats["skipped"] == 0
@@ -256,6 +298,7 @@ def test_grad_scaler_skips_inf_step_and_guidance_sees_unscaled_grads(through_acc
         torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-7)
     assert all(torch.equal(x, y) for x, y in zip(guidance_grads[-1], seen))
     assert not all(torch.equal(x, y) for x, y in zip(before[0], model.parameters()))  # that step did update
+    watch.assert_rewrote_where_reported(min_steps=1)  # and guidance rewrote the unscaled gradients
 
     before, scale = _snapshot(model, guided), scaler.get_scale()
     calls = len(guidance_grads)

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import tiny_mlp, train
+from conftest import GradientWatch, tiny_mlp, train
 
 from sgg_optim import GuidedAdamW, GuidedOptimizer
 from sgg_optim.accelerate import GuidancePlugin, find_guided, flat_stats
@@ -77,14 +77,25 @@ def test_bad_keyword_is_rejected(clean_env):
 
 # -- wrapping ---------------------------------------------------------------------------------
 def test_wrap_plain_optimizer_equals_direct_construction(clean_env, twin_models):
+    """The plugin's optimizer is the directly built one, and it really guides: its
+    gradients are rewritten where its stats say so, and the parameters leave the
+    unguided trajectory.
+
+    Guards: apply_guidance_ not writing the gradients (EMA update kept).
+    """
     a, b = twin_models
     plugin = GuidancePlugin(max_angle=20, warmup_steps=2)
     opt_a = plugin.wrap(torch.optim.SGD(a.parameters(), lr=0.1))
     opt_b = GuidedOptimizer(torch.optim.SGD(b.parameters(), lr=0.1), max_angle=20, warmup_steps=2)
+    watch = GradientWatch(opt_a)
     train(a, opt_a, 8)
     train(b, opt_b, 8)
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
     assert opt_a.stats["projected"] > 0
+    watch.assert_rewrote_where_reported(min_steps=3)
+    unguided = tiny_mlp()
+    train(unguided, torch.optim.SGD(unguided.parameters(), lr=0.1), 8)
+    assert any(not torch.equal(x, y) for x, y in zip(a.parameters(), unguided.parameters()))
 
 
 def test_wrap_refuses_an_already_guided_optimizer(clean_env):
@@ -101,6 +112,7 @@ def test_wrap_refuses_deepspeed(clean_env):
 
 @pytest.mark.parametrize("when", ["before", "after"])
 def test_wrap_before_or_after_prepare(clean_env, accelerate_state, when):
+    """Guards: apply_guidance_ not writing the gradients (EMA update kept)."""
     from accelerate import Accelerator
     from accelerate.optimizer import AcceleratedOptimizer
 
@@ -115,11 +127,16 @@ def test_wrap_before_or_after_prepare(clean_env, accelerate_state, when):
     if when == "after":
         assert plugin.wrap(opt) is opt
     assert isinstance(opt, AcceleratedOptimizer) and isinstance(opt.optimizer, GuidedOptimizer)
+    watch = GradientWatch(find_guided(opt))
     train(model, opt, 6)
     direct = GuidedOptimizer(torch.optim.AdamW(twin.parameters(), lr=1e-2), max_angle=20, warmup_steps=2)
     train(twin, direct, 6)
     assert all(torch.equal(x, y) for x, y in zip(model.parameters(), twin.parameters()))
     assert find_guided(opt).stats["step"] == 6
+    watch.assert_rewrote_where_reported(min_steps=2)  # guided through prepare(), not bypassed
+    unguided = tiny_mlp()
+    train(unguided, torch.optim.AdamW(unguided.parameters(), lr=1e-2), 6)
+    assert any(not torch.equal(x, y) for x, y in zip(model.parameters(), unguided.parameters()))
 
 
 def test_reference_file_from_environment(clean_env, tmp_path):
@@ -192,9 +209,18 @@ class ToyTokens(torch.utils.data.Dataset):
 
 
 def test_trainer_with_guided_adamw_and_callback(clean_env, accelerate_state, tmp_path):
-    from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+    """Guards: apply_guidance_ not writing the gradients (EMA update kept)."""
+    from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
 
     from sgg_optim.integrations.transformers import GuidanceCallback
+
+    watch: list[GradientWatch] = []
+
+    class WatchGuidance(TrainerCallback):
+        """Puts a GradientWatch on the guided optimizer once train() has built it."""
+
+        def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+            watch.append(GradientWatch(find_guided(optimizer)))
 
     torch.manual_seed(0)
     config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -207,8 +233,11 @@ def test_trainer_with_guided_adamw_and_callback(clean_env, accelerate_state, tmp
     trainer = Trainer(model=model, args=args, train_dataset=ToyTokens(),
                       optimizer_cls_and_kwargs=(GuidedAdamW, {"lr": 5e-3, "warmup_steps": 4, "max_angle": 45}),
                       callbacks=[GuidanceCallback()])
+    trainer.add_callback(WatchGuidance())
     trainer.train()
     guided = find_guided(trainer.optimizer)
+    # Guidance rewrote the gradients the AdamW step used, where its stats say so.
+    watch[0].assert_rewrote_where_reported(min_steps=5)
     assert isinstance(guided, GuidedAdamW) and guided.config.max_angle == 45
     logs = [e for e in trainer.state.log_history if "loss" in e]
     assert len(logs) >= 4

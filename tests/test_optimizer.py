@@ -113,27 +113,55 @@ def _guided(model, **kw):
     return GuidedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), warmup_steps=3, max_angle=30, **kw)
 
 
+# Loss-scale spikes (x20) on resumed steps: the first one comes before a re-started
+# warm-up would end, the others once a fresh norm EMA would be far below the real one.
+SPIKES = {30: 20.0, 33: 20.0, 41: 20.0, 52: 20.0}
+
+
+def train_with_spikes(model, opt, steps, start=0):
+    """``train`` with the SPIKES steps' losses scaled up; returns {step: stats["scale"]}."""
+    scales = {}
+    for s in range(start, start + steps):
+        opt.zero_grad()
+        backward(model, s, scale=SPIKES.get(s, 1.0))
+        opt.step()
+        scales[s] = opt.stats["scale"]
+    return scales
+
+
 @pytest.mark.parametrize("reference_dtype", ["fp32", "int8"])
 @pytest.mark.parametrize("scope", ["global", "tensor"])
 def test_resume_through_weights_only_load_is_bit_identical(reference_dtype, scope):
+    """Resume after 30 steps; the adaptive clip acts on the resumed steps (gradient spikes),
+    so the resumed run only matches if the norm EMA and its count came back too.
+
+    Guards: load_state_dict not restoring norm_ema / norm_count (warm-up starts over).
+    """
     straight = tiny_mlp()
     opt = _guided(straight, reference_dtype=reference_dtype, scope=scope)
-    train(straight, opt, 60)
+    straight_scales = train_with_spikes(straight, opt, 60)
 
     first = tiny_mlp()
     opt1 = _guided(first, reference_dtype=reference_dtype, scope=scope)
-    train(first, opt1, 30)
+    train_with_spikes(first, opt1, 30)
     buf = io.BytesIO()
     torch.save({"model": first.state_dict(), "opt": opt1.state_dict()}, buf)
     buf.seek(0)
     ckpt = torch.load(buf, weights_only=True)
+    assert int(ckpt["opt"]["guidance"]["norm_count"].min()) == 30
     resumed = tiny_mlp(seed=123)
     resumed.load_state_dict(ckpt["model"])
     opt2 = _guided(resumed, reference_dtype=reference_dtype, scope=scope)
     opt2.load_state_dict(ckpt["opt"])
-    train(resumed, opt2, 30, start=30)
+    resumed_scales = train_with_spikes(resumed, opt2, 30, start=30)
+    # The clip really acted on every resumed spike, and only there, in both runs.
+    for scales in (straight_scales, resumed_scales):
+        clipped = sorted(s for s, v in scales.items() if s >= 30 and v < 1.0)
+        assert clipped == sorted(SPIKES), clipped
     assert opt.stats["projected"] is not None and opt.stats["step"] == 60 == opt2.stats["step"]
     assert params_equal(straight, resumed)
+    for key in ("norm_ema", "norm_count"):
+        assert torch.equal(opt.state_dict()["guidance"][key], opt2.state_dict()["guidance"][key]), key
 
 
 def test_resume_with_captured_sources_is_bit_identical():

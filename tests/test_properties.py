@@ -146,11 +146,18 @@ def draw_setup(data, shapes, scope, groups, theta=st.floats(0.0, 170.0)):
 
 # -- 1. cone -------------------------------------------------------------------------------
 
+def boundary_tol(cos_in: float) -> float:
+    """How far from cos(max_angle) a rotated gradient may land: the statistics' precision
+    over sin^2 of its angle to r (see the near-antiparallel test below)."""
+    return 1e-5 + 2e-6 / max(1.0 - cos_in * cos_in, 1e-12)
+
+
 @SETTINGS
 @given(shapes=SHAPES, seed=SEED, scope=SCOPE, groups=st.integers(1, 2), max_angle=st.floats(5.0, 90.0),
        nonfinite=st.sampled_from(["skip", "propagate"]), data=st.data())
 def test_cone_keeps_norm_and_lands_in_the_cone_or_leaves_g_alone(shapes, seed, scope, groups, max_angle,
                                                                  nonfinite, data):
+    """Guards: the cone sending outside gradients anywhere but onto its boundary (e.g. straight onto r)."""
     gen = torch.Generator().manual_seed(seed)
     blocks, thetas, gs, rs = draw_setup(data, shapes, scope, groups)
     grads, refs = blockwise_pairs(shapes, blocks, thetas, gen, gs, rs)
@@ -164,8 +171,8 @@ def test_cone_keeps_norm_and_lands_in_the_cone_or_leaves_g_alone(shapes, seed, s
         cos_in = cos64(g, r)
         assert torch.isfinite(g2).all()
         assert g2.norm().item() == pytest.approx(g.norm().item(), rel=1e-5)
-        if cos_in < c - 1e-6:  # started outside: ends on (or inside) the cone boundary
-            assert cos64(g2, r) >= c - 1e-5
+        if cos_in < c - 1e-6:  # started outside: ends exactly on the cone's boundary
+            assert cos64(g2, r) == pytest.approx(c, abs=boundary_tol(cos_in))
         elif cos_in > c + 1e-6:  # started inside: not touched at all
             for i in idx:
                 assert torch.equal(out[i], grads[i])
@@ -194,7 +201,44 @@ def test_cone_near_antiparallel_keeps_norm_and_reaches_the_cone(shapes, seed, th
     g, r, g2 = flat64(grads, idx), flat64(refs, idx), flat64(out, idx)
     tol = 1e-5 + 2e-6 / math.sin(math.radians(theta)) ** 2
     assert g2.norm().item() == pytest.approx(g.norm().item(), rel=tol)
-    assert cos64(g2, r) >= math.cos(math.radians(max_angle)) - tol
+    assert cos64(g2, r) == pytest.approx(math.cos(math.radians(max_angle)), abs=tol)  # on the boundary
+
+
+# (angle of g to r, max_angle) in degrees: g outside the cone, from just outside to nearly opposite
+CONE_CASES = [(46.0, 45.0), (90.0, 45.0), (120.0, 30.0), (150.0, 60.0), (170.0, 10.0), (95.0, 89.0), (30.0, 5.0)]
+
+
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+@pytest.mark.parametrize("nonfinite", ["skip", "propagate"])
+@pytest.mark.parametrize("theta, max_angle", CONE_CASES)
+def test_cone_puts_an_outside_gradient_exactly_on_the_boundary(theta, max_angle, nonfinite, scope):
+    """Deterministic: a gradient outside the cone is rotated in the plane of g and r onto
+    the boundary, g' = |g| (c r/|r| + sqrt(1 - c^2) g_perp/|g_perp|), so cos(g', r) is
+    exactly cos(max_angle) and |g'| = |g|; a gradient inside is left bit for bit.
+
+    Guards: the cone sending every outside gradient straight onto r (g' = |g| r/|r|).
+    """
+    shapes = [(4, 3), (5,)]
+    gen = torch.Generator().manual_seed(int(theta * 10 + max_angle))
+    blocks = blocks_of(len(shapes), scope, 1)
+    # block 0 outside the cone at theta; under scope="tensor", block 1 inside it
+    thetas = [theta, max_angle / 2][:len(blocks)]
+    grads, refs = blockwise_pairs(shapes, blocks, thetas, gen, [2.5] * len(blocks), [0.4] * len(blocks))
+    model = Params(shapes)
+    opt = make_opt(model, refs, direction="cone", magnitude="off", max_angle=max_angle, scope=scope,
+                   nonfinite=nonfinite)
+    out = step_with(opt, model.plist(), grads)
+    c = math.cos(math.radians(max_angle))
+    g, r, g2 = flat64(grads, blocks[0]), flat64(refs, blocks[0]), flat64(out, blocks[0])
+    g_perp = g - (g @ r) / (r @ r) * r
+    want = g.norm() * (c * r / r.norm() + math.sqrt(1 - c * c) * g_perp / g_perp.norm())
+    assert (g2 - want).norm().item() <= 1e-6 * g.norm().item()
+    assert cos64(g2, r) == pytest.approx(c, abs=1e-6)
+    assert g2.norm().item() == pytest.approx(g.norm().item(), rel=1e-6)
+    assert opt.stats["projected"] == pytest.approx(1 / len(blocks))
+    for idx in blocks[1:]:
+        for i in idx:
+            assert torch.equal(out[i], grads[i])
 
 
 @SETTINGS
@@ -269,7 +313,9 @@ def test_clip_bounds_every_block_norm(shapes, seed, scope, groups, log_max_norm,
 
 # -- 4. adaptive ---------------------------------------------------------------------------
 
-@SETTINGS
+# derandomize: the same examples on every run (a warm-up bug once slipped through
+# 2 of 10 random seeds); the warm-up boundary itself is pinned by the plain test below.
+@settings(max_examples=40, deadline=None, derandomize=True)
 @given(shapes=SHAPES, seed=SEED, scope=SCOPE, groups=st.integers(1, 2), warmup=st.integers(0, 4),
        spike_factor=st.floats(1.1, 5.0), norm_beta=st.floats(0.0, 0.99),
        extra=st.integers(3, 6), spike_at=st.integers(0, 2), data=st.data())
@@ -310,6 +356,54 @@ def test_adaptive_caps_each_block_at_spike_factor_times_the_norm_ema(shapes, see
             ema[j] = norm_beta * ema[j] + (1 - norm_beta) * post
         count += 1
     assert checked_spike
+
+
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+@pytest.mark.parametrize("spike_offset", [-1, 0, 1])
+@pytest.mark.parametrize("warmup", [0, 1, 2, 3, 5])
+def test_adaptive_warmup_ends_exactly_after_warmup_steps(warmup, spike_offset, scope):
+    """Deterministic: block norms 1, 1.5, 1, 1.5, ..., one 100x spike at the last
+    warm-up step (offset -1), the first ready step (0) or the one after (1), and an 8x
+    one two steps later (capped only if the EMA took the first spike clipped). A block is
+    ready once ``max(warmup_steps, 1)`` steps fed its norm EMA: before that nothing is
+    touched (bit for bit), from then on every norm is capped at spike_factor x the
+    bias-corrected EMA of the previous post-clip norms, exactly.
+
+    Guards: warm-up a step early or late (norm_count >= warmup - 1, > warmup), or the EMA fed pre-clip norms.
+    """
+    shapes = [(3, 4), (6,)]
+    spike_factor, norm_beta = 2.0, 0.8
+    ready_from = max(warmup, 1)
+    spike_step = ready_from + spike_offset
+    model = Params(shapes)
+    opt = make_opt(model, None, direction="off", magnitude="adaptive", scope=scope, warmup_steps=warmup,
+                   spike_factor=spike_factor, norm_beta=norm_beta)
+    blocks = blocks_of(len(shapes), scope, 1)
+    gen = torch.Generator().manual_seed(warmup * 10 + spike_offset + 1)
+    ema = [0.0] * len(blocks)
+    for t in range(ready_from + 4):
+        target = {spike_step: 100.0, spike_step + 2: 8.0}.get(t, 1.0) * (1.5 if t % 2 else 1.0)
+        grads = [None] * len(shapes)
+        for idx in blocks:
+            raw = [torch.randn(shapes[i], generator=gen, dtype=torch.float64) for i in idx]
+            norm = torch.cat([x.reshape(-1) for x in raw]).norm().item()
+            for i, x in zip(idx, raw):
+                grads[i] = (x * (target / norm)).float()
+        out = step_with(opt, model.plist(), grads)
+        for j, idx in enumerate(blocks):
+            pre = flat64(grads, idx).norm().item()
+            if t < ready_from:  # warming up: untouched, bit for bit
+                for i in idx:
+                    assert torch.equal(out[i], grads[i]), (t, j)
+                post = pre
+            else:
+                bound = spike_factor * ema[j] / (1 - norm_beta ** t)
+                post = min(pre, bound)
+                assert flat64(out, idx).norm().item() == pytest.approx(post, rel=1e-6), (t, j)
+                if t == spike_step:
+                    assert post < pre / 10  # the spike was clipped
+            ema[j] = norm_beta * ema[j] + (1 - norm_beta) * post
+    assert opt.stats["step"] == ready_from + 4
 
 
 # -- 5. zero / non-finite reference ----------------------------------------------------------

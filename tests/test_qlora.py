@@ -15,6 +15,8 @@ bnb = pytest.importorskip("bitsandbytes")
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
+from conftest import GradientWatch
+
 from sgg_optim import GuidedPagedAdamW8bit
 from sgg_optim.integrations.bitsandbytes import keep_4bit_layout_for_training
 from sgg_optim.integrations.peft import (
@@ -22,7 +24,6 @@ from sgg_optim.integrations.peft import (
     base_weight_bytes,
     check_only_adapters_train,
 )
-from sgg_optim.storage import Int8Store
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "qlora_fewshot.py"
 
@@ -65,6 +66,11 @@ def four_bit_layers(model) -> list:
 
 
 def test_guided_qlora_step_changes_only_adapters(tiny_folder):
+    """Guided steps change every adapter and nothing else; guidance really rewrote the
+    adapter gradients the 8-bit optimizer stepped with.
+
+    Guards: apply_guidance_ not writing the gradients (EMA update kept).
+    """
     model = qlora_model(tiny_folder)
     layers = four_bit_layers(model)
     assert len(layers) == 2 * 7  # q, k, v, o, gate, up, down in each of 2 layers
@@ -80,6 +86,7 @@ def test_guided_qlora_step_changes_only_adapters(tiny_folder):
     adapters = {n: p.detach().clone() for n, p in named}
 
     opt = GuidedPagedAdamW8bit(named, lr=1e-2, weight_decay=0.0, warmup_steps=1, reference_dtype="int8")
+    watch = GradientWatch(opt)
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
     model.eval()  # an evaluation pass, as a few-shot loop does, must not touch the 4-bit bytes
     with torch.no_grad():
@@ -91,8 +98,12 @@ def test_guided_qlora_step_changes_only_adapters(tiny_folder):
         assert all(p.grad is None for n, p in model.named_parameters() if n not in adapters)
         opt.step()
 
-    assert opt.stats["step"] == 3 and math.isfinite(opt.stats["cos"])  # guidance ran
-    assert len(opt._guidance.ema) == len(named) and all(isinstance(s, Int8Store) for s in opt._guidance.ema.values())
+    assert opt.stats["step"] == 3 and math.isfinite(opt.stats["cos"])
+    watch.assert_rewrote_where_reported(min_steps=1)  # guidance ran: it rotated step 3's gradients
+    refs = opt.state_dict()["guidance"]["refs"]  # the EMA reference of every adapter, in int8
+    assert sorted(refs) == list(range(len(named)))
+    assert all({n: t.dtype for n, t in entry["ema"].items()} == {"codes": torch.uint8, "absmax": torch.float32}
+               for entry in refs.values())
     changed = [n for n, p in named if not torch.equal(p, adapters[n])]
     assert changed == [n for n, _ in named], "every adapter tensor should have moved"
     for m, w, a in zip(layers, packed, absmax):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import backward, batch, tiny_mlp
@@ -83,6 +85,41 @@ def test_save_load_roundtrip_and_guides_identically(tmp_path, storage):
     assert torch.equal(*results)
 
 
+@pytest.mark.parametrize("storage", ["fp32", "bf16", "int8"])
+def test_captured_reference_is_stored_as_reference_dtype(tmp_path, storage):
+    """capture_reference(reference_dtype=...) keeps the mean gradient in that storage:
+    its bytes per parameter, its values (bf16: the fp32 capture rounded to bf16; int8:
+    quantised, not exact), and the dtype written to the file.
+
+    Guards: capture_reference storing fp32 whatever reference_dtype says.
+    """
+    if storage == "int8":
+        pytest.importorskip("bitsandbytes")
+    model = torch.nn.Sequential(torch.nn.Linear(6, 700), torch.nn.Tanh(), torch.nn.Linear(700, 3))
+    loss_fn = lambda m, s: ce_loss(m, s)  # noqa: E731
+    exact = capture_reference(model, [0, 1], loss_fn=loss_fn)
+    ref = capture_reference(model, [0, 1], loss_fn=loss_fn, reference_dtype=storage)
+    numels = [p.numel() for p in model.parameters()]  # 4200 (two int8 blocks), 700, 2100, 3
+    per_tensor = {"fp32": lambda n: 4 * n, "bf16": lambda n: 2 * n, "int8": lambda n: n + 4 * -(-n // 4096)}
+    assert ref.storage == storage
+    assert ref.nbytes() == sum(per_tensor[storage](n) for n in numels)
+    for name in ref.names:
+        if storage == "fp32":
+            assert torch.equal(ref[name], exact[name])
+        elif storage == "bf16":
+            assert torch.equal(ref[name], exact[name].bfloat16().float())
+        else:
+            err = (ref[name] - exact[name]).abs().max().item()
+            assert 0 < err <= 0.02 * exact[name].abs().max().item(), (name, err)
+    path = tmp_path / "ref.safetensors"
+    ref.save(path)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys() if not k.endswith("/absmax")}
+    assert dtypes == {{"fp32": "F32", "bf16": "BF16", "int8": "U8"}[storage]}
+
+
 def test_int8_reference_costs_about_one_byte_per_parameter():
     model = torch.nn.Linear(512, 512)
     ref = Reference({n: torch.randn_like(p) for n, p in model.named_parameters()}, storage="int8")
@@ -130,6 +167,8 @@ def test_load_rejects_corrupt_truncated_and_foreign_files(tmp_path):
 
 
 def test_failed_save_leaves_the_existing_file_untouched(tmp_path, monkeypatch):
+    """A writer that fails before writing a byte: the error reaches the caller, and
+    nothing is left behind. (Crash mid-write: the test below.)"""
     model = tiny_mlp()
     path = _write(tmp_path, model)
     before = path.read_bytes()
@@ -141,3 +180,36 @@ def test_failed_save_leaves_the_existing_file_untouched(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         Reference({n: torch.zeros_like(p) for n, p in model.named_parameters()}).save(path)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["ref.safetensors"]
+
+
+def test_save_that_crashes_mid_write_leaves_the_old_file_byte_for_byte(tmp_path, monkeypatch):
+    """A save killed half-way through writing must not damage the file already at the
+    target path: the writer really writes (to whatever path save() hands it), then
+    the file it wrote is cut short and overwritten with garbage, then it raises.
+
+    Guards: Reference.save calling save_file(tensors, path) directly (no temporary file and rename).
+    """
+    from safetensors.torch import save_file as real_save_file
+
+    model = tiny_mlp()
+    path = _write(tmp_path, model)
+    before = path.read_bytes()
+    written = []
+
+    def crash_mid_write(tensors, filename, metadata=None):
+        real_save_file(tensors, filename, metadata=metadata)
+        written.append(Path(filename))
+        with open(filename, "r+b") as f:  # a partial write: half the bytes, the tail torn
+            f.truncate(len(before) // 2)
+            f.seek(len(before) // 4)
+            f.write(b"\xff" * 64)
+        raise OSError("killed mid-write")
+
+    monkeypatch.setattr("sgg_optim.reference.save_file", crash_mid_write)
+    with pytest.raises(OSError, match="killed mid-write"):
+        Reference({n: torch.full_like(p, 2.0) for n, p in model.named_parameters()}).save(path)
+    assert len(written) == 1  # the writer did run and write a (torn) file somewhere
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ref.safetensors"]  # the torn temporary is gone
+    loaded = Reference.load(path, model)
+    assert all(torch.equal(loaded[n], torch.ones_like(p)) for n, p in model.named_parameters())

@@ -8,12 +8,15 @@ settings come from ``SGG_*`` variables set by the test (through GuidancePlugin).
 
 Each rank writes ``rank{r}.pt`` under ``--out``: final parameters, the guidance
 state, per-step stats, and what its step hooks saw (sync flag, whether the
-gradients were equal on every rank).
+gradients were equal on every rank, and whether guidance changed them: tests/conftest.py's
+GradientWatch).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from pathlib import Path
 
 import torch
@@ -22,6 +25,9 @@ from accelerate import Accelerator
 
 from sgg_optim import capture_reference
 from sgg_optim.accelerate import GuidancePlugin, find_guided
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for conftest's GradientWatch
+from conftest import GradientWatch  # noqa: E402
 
 ROWS = 16
 
@@ -89,6 +95,7 @@ def main() -> None:
                 equal = all(torch.equal(parts[0], p) for p in parts)
             seen.append({"sync": accelerator.sync_gradients, "grads_equal": equal})
         guided.register_step_pre_hook(check)
+    watch = GradientWatch(guided) if guided is not None else None
 
     start = 0
     if args.load_state:
@@ -114,6 +121,9 @@ def main() -> None:
         "params": params,
         "stats": stats,
         "seen": seen,
+        # per step: guidance changed the gradients / the stats say a rule acted
+        "changed": watch.changed if watch is not None else None,
+        "acted": watch.acted if watch is not None else None,
         "config": plugin.guidance_kwargs(),
         "reference_mode": guided.reference_mode if guided is not None else None,
         "guidance": guided.state_dict()["guidance"] if guided is not None else None,
@@ -129,3 +139,10 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # Results are on disk: leave without interpreter finalisation. The DDP/FSDP modules
+    # still hold the gloo process group, whose worker threads can abort the process
+    # (SIGABRT, "terminate called without an active exception") when finalisation frees
+    # the tensors they hold (seen once in a loaded CI-like run).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
