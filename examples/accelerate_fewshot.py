@@ -190,6 +190,10 @@ def main() -> None:
     accelerator.log({"eval_accuracy": accuracy}, step=step)
     if args.save_dir:
         accelerator.save_state(args.save_dir)
+    # Leave together: end_training() destroys the process group, and a rank that tears
+    # gloo down while its peer is still finishing the last collective makes the peer's
+    # connection thread abort (SIGABRT, "Connection closed by peer").
+    accelerator.wait_for_everyone()
     accelerator.end_training()
 
 
