@@ -36,8 +36,8 @@ def test_promot_row_runs_stage_one_and_freezes_the_prompt():
 def test_sgg_exact_row_logs_the_task_loss():
     task = synthetic_task()
     cfg = RunConfig(steps=12, batch_size=4, max_length=12)
-    plain = run_cell(task, get_strategy("adamw"), 2, 0, tiny_factory, cfg, lr_grid=(1e-3,))
-    exact = run_cell(task, get_strategy("sgg-exact"), 2, 0, tiny_factory, cfg, lr_grid=(1e-3,))
+    plain = run_cell(task, get_strategy("adamw"), 2, 0, tiny_factory, cfg, lr=1e-3)
+    exact = run_cell(task, get_strategy("sgg-exact"), 2, 0, tiny_factory, cfg, lr=1e-3)
     # same model, batch and weights at step 0: the logged loss is the task loss, not L + penalties
     assert exact["trace"]["loss"][0] == pytest.approx(plain["trace"]["loss"][0], abs=1e-6)
     # the direction term starts after the 10-step EMA warm-up; its cosine fills ref_cos

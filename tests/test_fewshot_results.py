@@ -10,6 +10,7 @@ import pytest
 from test_fewshot_protocol import tiny_factory
 
 from sgg_optim.fewshot import cli, protocol, tasks
+from sgg_optim.fewshot import results
 from sgg_optim.fewshot.results import ResultsFile, aggregate, cell_key
 
 @pytest.fixture
@@ -58,18 +59,21 @@ def test_truncated_last_line_reruns_that_cell(tmp_path):
     with open(path, "a") as f:
         f.write('{"task": "t", "strategy": "s", "k": 16, "se')  # a crash mid-write
     store = ResultsFile(path)
-    assert store.done(cell_key("t", "s", 16, 0, 30, "m"))
-    assert not store.done(cell_key("t", "s", 16, 1, 30, "m"))
+    assert store.done(cell_key("t", "s", 16, 0, 0.0, 30, "m"))  # a row without lr keys at 0
+    assert not store.done(cell_key("t", "s", 16, 1, 0.0, 30, "m"))
     assert json.loads(path.read_text().splitlines()[0])["grad_cv"] is None  # NaN stored as null
 
 
 def test_aggregate_and_table_mean_std():
-    rows = [{"task": "t", "k": 16, "strategy": "adamw", "accuracy": a, "macro_f1": a} for a in (0.6, 0.8)]
+    rows = [{"task": "t", "k": 16, "strategy": "adamw", "lr": 5e-5, "accuracy": a, "macro_f1": a} for a in (0.6, 0.8)]
+    rows.append({"task": "t", "k": 16, "strategy": "adamw", "lr": 2e-4, "accuracy": 0.5, "macro_f1": 0.4})
     agg = aggregate(rows)
-    mu, sd, n = agg[("t", 16, "adamw")]["accuracy"]
+    mu, sd, n = agg[("t", 16, "adamw", 5e-5)]["accuracy"]
     assert mu == pytest.approx(0.7) and sd == pytest.approx(math.sqrt(0.02)) and n == 2
-    table = cli.results_table(rows, ("accuracy", "macro_f1"))
-    assert "| t | 16 | adamw | 2 | 70.0 ± 14.1 | 70.0 ± 14.1 |" in table
+    table = cli.results_table(rows, ("accuracy", "macro_f1", "grad_cv"))
+    assert "| t | 16 | adamw | 5e-05 | 2 | 70.0 ± 14.1 | 70.0 ± 14.1 | — |" in table
+    assert "| t | 16 | adamw | 0.0002 | 1 | 50.0 ± 0.0 | 40.0 ± 0.0 | — |" in table
+    assert table.splitlines()[0].endswith("| macro-F1 | \\|g\\| CV |")  # escaped: one header cell
 
 
 def test_retention_table_reports_drop_against_pretrained():
@@ -84,3 +88,167 @@ def test_retention_table_reports_drop_against_pretrained():
     assert lines[2] == "| pretrained | 1 | 60.0 | 40.0 | 50.0 | +0.0 |"
     assert lines[3] == "| lora | 2 | 45.0 | 30.0 | 37.5 | +12.5 |"
     assert retention_table([{"strategy": "x"}]) == ""
+
+
+def test_each_lr_is_a_row_and_an_added_lr_runs_alone(tmp_path, toy_task, monkeypatch):
+    calls = []
+    real = protocol.run_cell
+
+    def counting(*a, **k):
+        calls.append((a[1].name, a[3], k["lr"]))
+        return real(*a, **k)
+
+    monkeypatch.setattr(protocol, "run_cell", counting)
+    path = tmp_path / "grid.jsonl"
+    kw = dict(steps=2, factory=tiny_factory)
+    rows = cli.run_grid(["toy"], ["adamw", "pretrained"], [2], [0], store=ResultsFile(path), lrs=[1e-3, 1e-2], **kw)
+    assert [(r["strategy"], r["lr"]) for r in rows] == [("adamw", 1e-3), ("adamw", 1e-2), ("pretrained", 0.0)]
+    assert len({ResultsFile.key_of(r) for r in rows}) == 3
+    calls.clear()
+    rows = cli.run_grid(["toy"], ["adamw"], [2], [0], store=ResultsFile(path), lrs=[1e-3, 1e-2, 3e-3], **kw)
+    assert calls == [("adamw", 0, 3e-3)] and len(rows) == 3
+
+
+def test_grid_runs_whole_task_seed_blocks(tmp_path, toy_task, monkeypatch):
+    other = tasks.Task.from_examples("toy2", ("no", "yes"), list(toy_task.train_texts + toy_task.eval_texts),
+                                     list(toy_task.train_labels + toy_task.eval_labels), n_eval=20)
+    monkeypatch.setitem(tasks.TASKS, "toy2", lambda: other)
+    monkeypatch.delitem(tasks._loaded, "toy2", raising=False)
+    order = []
+    real = protocol.run_cell
+
+    def spy(*a, **k):
+        order.append((a[0].name, a[3], a[1].name, k["lr"]))
+        return real(*a, **k)
+
+    monkeypatch.setattr(protocol, "run_cell", spy)
+    cli.run_grid(["toy", "toy2"], ["adamw", "adamw-clip"], [2], [0, 1], steps=1, store=ResultsFile(tmp_path / "g.jsonl"),
+                 lrs=[1e-3, 1e-2], factory=tiny_factory)
+    blocks = [o[:2] for o in order]
+    assert blocks == [b for b in dict.fromkeys(blocks) for _ in range(4)]  # each block contiguous, 2 rows x 2 lrs
+    assert list(dict.fromkeys(blocks)) == [("toy", 0), ("toy2", 0), ("toy", 1), ("toy2", 1)]
+
+
+def test_source_row_skipped_where_labels_differ(tmp_path, toy_task, monkeypatch, capsys):
+    texts = [f"{['no', 'yes', 'maybe'][i % 3]} {i}" for i in range(90)]
+    three = tasks.Task.from_examples("toy3", ("no", "yes", "maybe"), texts, [i % 3 for i in range(90)], n_eval=30)
+    monkeypatch.setitem(tasks.TASKS, "toy3", lambda: three)
+    monkeypatch.delitem(tasks._loaded, "toy3", raising=False)
+    monkeypatch.setattr(protocol, "SOURCE_TASK", "toy")  # a binary source
+    rows = cli.run_grid(["toy3", "toy"], ["adamw", "cone-source"], [2], [0], steps=1, lrs=[1e-3],
+                        store=ResultsFile(tmp_path / "g.jsonl"), factory=tiny_factory)
+    out = capsys.readouterr().out
+    assert out.count("skipped on toy3") == 1 and "cone-source skipped on toy3: source toy has 2 labels" in out
+    assert sorted((r["task"], r["strategy"]) for r in rows) == [("toy", "adamw"), ("toy", "cone-source"),
+                                                               ("toy3", "adamw")]
+
+
+def test_protocol1_rows_key_by_their_chosen_lr():
+    old = {"task": "t", "strategy": "adamw", "k": 16, "seed": 0, "steps": 30, "model": "m", "lr": 5e-5,
+           "val_acc": {"2e-05": 0.5, "5e-05": 0.75, "0.0001": 0.625}, "accuracy": 0.8}
+    assert ResultsFile.key_of(old) == cell_key("t", "adamw", 16, 0, 5e-5, 30, "m")
+    assert results.val_accuracy(old) == 0.75
+    assert results.val_accuracy({**old, "val_acc": 0.5}) == 0.5
+
+
+def _row(task, seed, strategy, lr, val, acc, **extra):
+    return {"task": task, "k": 16, "seed": seed, "strategy": strategy, "lr": lr, "val_acc": val,
+            "accuracy": acc, "eval_majority": 0.5, **extra}
+
+
+def test_choose_lr_on_validation_ties_to_smaller_and_needs_the_whole_sweep():
+    rows = [_row("t", 0, "s", 1e-4, 0.75, 0.60), _row("t", 0, "s", 2e-5, 0.75, 0.70),
+            _row("t", 0, "s", 5e-5, 0.50, 0.99),  # best on eval, worst on validation: never chosen
+            _row("t", 1, "s", 1e-4, 0.90, 0.50), _row("t", 1, "s", 2e-5, 0.80, 0.90),
+            _row("t", 2, "s", 2e-5, 1.00, 0.90)]  # seed 2 lacks two lrs of the sweep
+    chosen = results.choose_lr(rows)
+    assert {key: r["lr"] for key, r in chosen.items()} == {("t", 16, 0, "s"): 2e-5}  # seed 1 lacks 5e-5
+    # an explicit sweep of two lrs: seed 1 is complete, and its validation prefers 1e-4 (eval: 2e-5)
+    two = results.choose_lr(rows, {"s": [2e-5, 1e-4]})
+    assert {key: r["lr"] for key, r in two.items()} == {("t", 16, 0, "s"): 2e-5, ("t", 16, 1, "s"): 1e-4}
+    assert set(results.choose_lr(rows, {"s": [2e-5]})) == {("t", 16, 0, "s"), ("t", 16, 1, "s"), ("t", 16, 2, "s")}
+
+
+def test_failed_runs_worst_seed_and_lrs_near_best():
+    rows = [_row("a", 0, "s", 1e-4, 0.5, 0.51), _row("a", 1, "s", 1e-4, 0.5, 0.90),  # seed 0 collapsed
+            _row("b", 0, "s", 1e-4, 0.5, 0.80), _row("b", 1, "s", 1e-4, 0.5, 0.70),
+            _row("a", 0, "s", 2e-5, 0.5, 0.81), _row("a", 1, "s", 2e-5, 0.5, 0.80),
+            _row("b", 0, "s", 2e-5, 0.5, 0.78), _row("b", 1, "s", 2e-5, 0.5, 0.75)]
+    [hi, lo] = results.per_lr(rows)  # 2e-5 then 1e-4
+    assert (lo["lr"], lo["failed"], lo["n"]) == (1e-4, 0.25, 4) and hi["failed"] == 0.0
+    assert lo["worst_seed"] == pytest.approx((0.51 + 0.70) / 2)  # per task the worst seed, averaged
+    [sweep] = results.over_sweep(rows)
+    # mean accuracy: 1e-4 72.75, 2e-5 78.5: only 2e-5 within 2 points of the best
+    assert sweep["near_best"] == 1 and sweep["best_lr"] == 2e-5 and sweep["failed"] == 1 / 8
+    assert sweep["worst_run"] == pytest.approx((0.51 + 0.70) / 2)
+    assert results.over_sweep([{**r, "accuracy": 0.8} for r in rows])[0]["near_best"] == 2
+    assert results.failed({"accuracy": 0.3, "eval_majority": 0.5}) is True  # below always-one-class too
+    assert results.failed({"accuracy": 0.3}) is None
+
+
+def test_bootstrap_interval_is_seeded_and_decides_helps():
+    gains = [0.03, 0.05, 0.02, 0.04, 0.06, 0.01]
+    noise = [0.03, -0.04, 0.01, -0.02, 0.02, -0.01]
+    assert results.bootstrap_ci(gains) == results.bootstrap_ci(gains)
+    assert results.bootstrap_ci(gains, resamples=20, seed=1) != results.bootstrap_ci(gains, resamples=20)
+    lo, hi = results.bootstrap_ci(gains)
+    assert 0 < lo < sum(gains) / 6 < hi <= max(gains)
+    lo, hi = results.bootstrap_ci(noise)
+    assert lo < 0 < hi
+    assert all(math.isnan(x) for x in results.bootstrap_ci([0.1]))
+    base = {("t", 16, s): {"accuracy": 0.5} for s in range(6)}
+    up = {("t", 16, s): {"accuracy": 0.5 + g} for s, g in enumerate(gains)}
+    down = {("t", 16, s): {"accuracy": 0.5 - g} for s, g in enumerate(gains)}
+    flat = {("t", 16, s): {"accuracy": 0.5 + g} for s, g in enumerate(noise)}
+    assert results.paired(up, base).verdict == "helps" and results.paired(down, base).verdict == "hurts"
+    assert results.paired(flat, base).verdict == "n.s."
+    only_some = results.paired({("t", 16, 0): {"accuracy": 0.9}, ("u", 16, 0): {"accuracy": 0.9}}, base)
+    assert only_some.n == 1 and only_some.mean == pytest.approx(0.4) and only_some.verdict == "—"
+    four = results.paired({p: r for p, r in up.items() if p[2] < 4}, base)
+    assert four.n == 4 and four.lo > 0 and four.verdict == "—"  # too few pairs for a verdict
+
+
+def _grid_rows():
+    rows = []
+    for task in ("a", "b", "c"):
+        for seed in range(4):
+            for lr, base in ((2e-5, 0.70), (2e-4, 0.60)):
+                noise = 0.01 * ((seed * 7 + len(task)) % 3 - 1)
+                rows.append(_row(task, seed, "adamw", lr, base, base + noise, applied_cv=0.4))
+                rows.append(_row(task, seed, "good", lr, base + 0.1, base + noise + 0.05, applied_cv=0.2))
+    return rows
+
+
+def test_protocol_report_tables_render_and_pair_against_adamw():
+    rows = _grid_rows()
+    [adamw, good] = results.at_chosen_lr(rows)
+    assert adamw["vs_baseline"] is None and adamw["chosen"] == {2e-5: 12}
+    assert good["vs_baseline"].n == 12 and good["vs_baseline"].mean == pytest.approx(0.05)
+    assert good["vs_baseline"].verdict == "helps"
+    per = {(r["strategy"], r["lr"]): r for r in results.per_lr(rows)}
+    assert per[("good", 2e-4)]["vs_baseline"].mean == pytest.approx(0.05)
+    report = results.protocol_report(rows, resamples=500)
+    tables = [block for block in report.split("\n\n") if block.startswith("|")]
+    assert len(tables) == 3
+    for table in tables:
+        widths = {len(line.replace("\\|", "")) - len(line.replace("\\|", "").replace("|", ""))
+                  for line in table.splitlines()}
+        assert len(widths) == 1  # every line has as many cell borders as the header
+    assert "| good | 12 | 75.0 |" in report and "helps" in report
+    assert "+5.0 [" in report
+
+
+def test_bench_report_prints_the_protocol_tables(tmp_path, toy_task, capsys):
+    path = tmp_path / "r.jsonl"
+    store = ResultsFile(path)
+    for r in _grid_rows():  # three tasks x four seeds, as one toy task with twelve seeds
+        store.append({**r, "task": "toy", "k": 2, "steps": 30, "model": "minilm", "eval_majority": None,
+                      "seed": r["seed"] + 4 * "abc".index(r["task"]),
+                      "strategy": {"good": "adamw-clip"}.get(r["strategy"], r["strategy"])})
+    assert cli.main(["bench", "--tasks", "toy", "--strategies", "adamw,adamw-clip", "--shots", "2", "--seeds", "12",
+                     "--lrs", "2e-5,2e-4", "--results", str(path), "--report"]) == 0
+    out = capsys.readouterr().out
+    assert "48 of 48 runs already in" in out and "Protocol v2, K=2" in out
+    line = next(x for x in out.splitlines() if x.startswith("| adamw-clip | 12 |"))
+    assert "+5.0 [" in line and line.endswith("| helps |")
+    assert "| 0% |" in line  # failed-run rate: eval_majority filled in from the task (0.5)

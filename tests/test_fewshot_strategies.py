@@ -21,7 +21,8 @@ def _bert():
 def test_issue_rows_are_registered():
     for name in ("adamw", "adamw-clip", "project-ema", "project-source", "cone-ema", "cone-source",
                  "blend-ema", "blend-source", "lora", "cone-sources", "cone-icl", "ltuning-prompt",
-                 "ltuning-prefix", "promot", "icl-format", "sgg-exact", "pretrained"):
+                 "ltuning-prefix", "promot", "icl-format", "sgg-exact", "pretrained", "cone-kshot",
+                 "project-kshot", "adaptive", "cone-ema-w3"):
         assert name in strategies.STRATEGIES
     assert get_strategy("promot+cone").guidance["direction"] == "cone"
     assert get_strategy("promot+cone").prepare is strategies.STRATEGIES["promot"].prepare
@@ -83,3 +84,25 @@ def test_lora_trains_adapters_and_head_only():
     assert any("lora_A" in n for n in trainable)
     full = sum(p.numel() for p in _bert().parameters())
     assert sum(p.numel() for n, p in model.named_parameters() if p.requires_grad) < full / 2
+
+
+@pytest.mark.parametrize("name, reference, settings", [
+    ("cone-kshot", "kshot", dict(direction="cone", max_angle=60.0, magnitude="adaptive", warmup_steps=10)),
+    ("project-kshot", "kshot", dict(direction="project", magnitude="off")),
+    ("adaptive", "ema", dict(direction="off", magnitude="adaptive", warmup_steps=3, spike_factor=3.0)),
+    ("cone-ema-w3", "ema", dict(direction="cone", max_angle=60.0, magnitude="adaptive", warmup_steps=3)),
+])
+def test_issue10_rows_reach_the_optimizer(name, reference, settings):
+    row = get_strategy(name)
+    assert row.reference == reference and row.lr_grid == FULL_LRS == (2e-5, 5e-5, 1e-4, 2e-4)
+    model = _bert()
+    ref = Reference({n: torch.ones_like(p) for n, p in model.named_parameters()}).bind(model)
+    opt = row.build_optimizer(model, 3e-4, ref if reference == "kshot" else None)
+    assert isinstance(opt, GuidedAdamW)
+    assert opt.reference_mode == ("sources" if reference == "kshot" else "ema")  # the frozen K-shot reference
+    for key, value in settings.items():
+        assert getattr(opt.config, key) == value, key
+    assert opt.param_groups[0]["lr"] == 3e-4
+    if reference == "kshot":
+        with pytest.raises(ValueError, match="needs a kshot reference"):
+            row.build_optimizer(model, 3e-4)

@@ -2,8 +2,10 @@
 
 ``demo`` is the short tour: one task, MiniLM, AdamW against guided AdamW (cone), three
 seeds, K=16, a table and a plot. ``bench`` runs a grid of tasks x shots x seeds x
-strategies, choosing each strategy's learning rate on a validation split, and appends
-every finished cell to a JSONL file so a rerun skips what is done.
+strategies x learning rates (protocol v2: one row per run), appends every finished run
+to a JSONL file so a rerun skips what is done, and reports each row per lr, at the lr
+chosen on validation, and over the sweep, each against AdamW with paired bootstrap
+intervals (:func:`.results.protocol_report`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import assets
-from .results import METRIC_COLUMNS, ResultsFile, aggregate, cell_key
+from .results import METRIC_COLUMNS, ResultsFile, aggregate, cell_key, markdown_table, protocol_report
 
 MODEL_NAME = "minilm"
 MODELS = ("minilm", "smollm2")
@@ -54,6 +56,29 @@ def _quiet_libraries() -> None:
         pass
 
 
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory for reuse instead of returning it to the system.
+
+    A MiniLM step allocates and frees tensors of 47-90 MB (the word-embedding gradient,
+    AdamW's temporaries); by default each is a fresh ``mmap`` whose pages are faulted in
+    and zeroed by the kernel, about 2.8 million page faults and a fifth of the CPU time of
+    a cell (``benchmarks/cell_profile.py``). With mmap off and trimming only past 1 GB free, freed
+    blocks stay in the heap and are reused. Numbers are unchanged; only where memory comes
+    from. False (and nothing done) where the C library has no ``mallopt`` (not glibc), or
+    when ``SGG_OPTIM_MALLOC=default``.
+    """
+    if os.environ.get("SGG_OPTIM_MALLOC") == "default" or not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4
+    return bool(mallopt(m_mmap_max, 0) and mallopt(m_trim_threshold, 1 << 30) and mallopt(m_top_pad, 1 << 28))
+
+
 def _fmt(mu: float, sd: float, pct: bool) -> str:
     if not math.isfinite(mu):
         return "—"
@@ -61,15 +86,15 @@ def _fmt(mu: float, sd: float, pct: bool) -> str:
 
 
 def results_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] = METRIC_COLUMNS) -> str:
-    """A Markdown table of mean ± std over seeds, one line per task, K and strategy."""
+    """A Markdown table of mean ± std over seeds, one line per task, K, strategy and lr."""
     agg = aggregate(rows)
-    head = ["task", "K", "strategy", "seeds"] + [COLUMN_TITLES[c] for c in columns]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for (task, k, strategy), figs in agg.items():
+    head = ["task", "K", "strategy", "lr", "seeds"] + [COLUMN_TITLES[c] for c in columns]
+    lines = []
+    for (task, k, strategy, lr), figs in agg.items():
         n = max(figs[c][2] for c in columns)
         cells = [_fmt(figs[c][0], figs[c][1], c in ("accuracy", "macro_f1")) for c in columns]
-        lines.append("| " + " | ".join([task, str(k), strategy, str(n)] + cells) + " |")
-    return "\n".join(lines)
+        lines.append([task, str(k), strategy, f"{lr:g}" if lr is not None else "—", str(n)] + cells)
+    return markdown_table(head, lines)
 
 
 def retention_table(rows: Sequence[dict[str, Any]], baseline: str = "pretrained") -> str:
@@ -98,6 +123,23 @@ def retention_table(rows: Sequence[dict[str, Any]], baseline: str = "pretrained"
     return "\n".join(lines)
 
 
+def with_majority(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows``, each with ``eval_majority`` (the eval split's majority-class rate, which the
+    failed-run rate needs); rows written before protocol v2 get it from their task."""
+    from .protocol import majority_rate
+    from .tasks import load_task
+
+    out = []
+    for r in rows:
+        if r.get("eval_majority") is None:
+            try:
+                r = {**r, "eval_majority": majority_rate(list(load_task(r["task"]).eval_labels))}
+            except (KeyError, assets.AssetError):
+                pass
+        out.append(r)
+    return out
+
+
 def _progress(total: int, desc: str):
     from tqdm.auto import tqdm
 
@@ -117,61 +159,100 @@ def model_factory(name: str) -> Any:
     raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
 
 
+def grid_order(tasks: Sequence[str], strategies: Sequence[str], shots: Sequence[int], seeds: Sequence[int],
+               lrs: Sequence[float]) -> list[tuple[str, str, int, int, float]]:
+    """The runs (task, strategy, K, seed, lr) in the order a grid runs them.
+
+    Whole (task, K, seed) blocks, every strategy and lr of one block before the next, so
+    a grid stopped part-way has complete blocks to pair; blocks go seed by seed over the
+    tasks (seed 0 of every task first), so an early stop still covers every task.
+
+    >>> [r[:4] for r in grid_order(["a", "b"], ["x"], [16], [0, 1], [1e-3])]
+    [('a', 'x', 16, 0), ('b', 'x', 16, 0), ('a', 'x', 16, 1), ('b', 'x', 16, 1)]
+    """
+    return [(t, s, k, seed, lr) for k in shots for seed in seeds for t in tasks for s in strategies for lr in lrs]
+
+
 def run_grid(tasks: Sequence[str], strategies: Sequence[str], shots: Sequence[int], seeds: Sequence[int],
              steps: int, store: ResultsFile, lrs: Sequence[float] | None = None,
              explain: bool = False, factory: Any = None, model: str = MODEL_NAME,
              sources: Sequence[str] = (), retention: Sequence[str] = (),
              retention_n: int = 100, retention_k: int = 4, run: bool = True) -> list[dict[str, Any]]:
-    """Run every missing cell of the grid into ``store``; the rows of this grid.
+    """Run every missing run of the grid into ``store`` (one row per task, strategy, K, seed
+    and lr: protocol v2); the rows of this grid.
 
-    ``sources`` are the tasks of ``*-sources`` rows; ``retention`` the tasks on which each
-    tuned causal LM's in-context accuracy is measured (empty: not measured). ``run=False``
-    runs nothing and returns the cells already in ``store``.
+    ``lrs`` overrides every strategy's ``lr_grid`` (a strategy that does not train runs
+    once, at lr 0). A ``*-source`` strategy is skipped, with one printed line, on a task
+    whose label count differs from the source's. ``sources`` are the tasks of
+    ``*-sources`` rows; ``retention`` the tasks on which each tuned causal LM's in-context
+    accuracy is measured (empty: not measured). ``run=False`` runs nothing and returns the
+    rows already in ``store``. Runs go in :func:`grid_order`.
     """
     import torch
 
-    from .protocol import SOURCE_TASK, run_cell
+    from .protocol import SOURCE_TASK, run_lrs, source_compatible
     from .strategies import get_strategy
     from .tasks import load_task
+
     from .training import RunConfig
 
     cfg = RunConfig(steps=steps)
-    todo = [(t, s, k, seed) for t in tasks for k in shots for seed in seeds for s in strategies]
-    missing = [c for c in todo if not store.done(cell_key(c[0], c[1], c[2], c[3], steps, model))]
+    strats = {s: get_strategy(s) for s in strategies}
+    grids = {s: ((0.0,) if not st.train else tuple(float(x) for x in (lrs or st.lr_grid)))
+             for s, st in strats.items()}
+    all_lrs = tuple(dict.fromkeys(lr for g in grids.values() for lr in g))
+    skipped: set[tuple[str, str]] = set()
+    for t in tasks:
+        for s, st in strats.items():
+            if st.reference == "source":
+                why = source_compatible(st, load_task(t), load_task(SOURCE_TASK))
+                if why:
+                    _say(why)
+                    skipped.add((t, s))
+    todo = [(t, s, k, seed, lr) for t, s, k, seed, lr in grid_order(tasks, strategies, shots, seeds, all_lrs)
+            if lr in grids[s] and (t, s) not in skipped]
+    missing = [c for c in todo if not store.done(cell_key(c[0], c[1], c[2], c[3], c[4], steps, model))]
     if len(missing) < len(todo):
-        _say(f"{len(todo) - len(missing)} of {len(todo)} cells already in {store.path}: skipped")
+        _say(f"{len(todo) - len(missing)} of {len(todo)} runs already in {store.path}: skipped")
     if not run:
         if missing:
-            _say(f"{len(missing)} cells not run (--report)")
+            _say(f"{len(missing)} runs not run (--report)")
         missing = []
     if missing and factory is None:
         factory = model_factory(model)
-    for i, (tname, sname, k, seed) in enumerate(missing):
-        task, strategy = load_task(tname), get_strategy(sname)
-        grid = tuple(lrs) if lrs else strategy.lr_grid
+    # the missing lrs of one (task, strategy, K, seed) run together: one reference capture
+    cells: dict[tuple[str, str, int, int], list[float]] = {}
+    for t, s, k, seed, lr in missing:
+        cells.setdefault((t, s, k, seed), []).append(lr)
+    done = 0
+    for i, ((tname, sname, k, seed), cell_lrs) in enumerate(cells.items()):
+        task, strategy = load_task(tname), strats[sname]
         source = load_task(SOURCE_TASK) if strategy.reference in ("source", "icl") else None
         multi = [load_task(s) for s in sources if s != tname] if strategy.reference == "sources" else []
         if explain:
-            _say(f"\n[{i + 1}/{len(missing)}] {sname} on {tname}, K={k}, seed {seed}: "
-                 f"{strategy.description}; lr {'in ' if len(grid) > 1 else ''}{', '.join(map(str, grid))}")
-        bar = _progress(steps * len(grid), f"{sname} seed {seed}")
+            span = f"{done + 1}" if len(cell_lrs) == 1 else f"{done + 1}-{done + len(cell_lrs)}"
+            _say(f"\n[{span}/{len(missing)}] {sname} on {tname}, K={k}, seed {seed}: "
+                 f"{strategy.description}; lr {', '.join(f'{x:g}' for x in cell_lrs)}")
+        bar = _progress(steps * len(cell_lrs), f"{sname} seed {seed}")
         torch.manual_seed(seed)
-        row = run_cell(task, strategy, k, seed, factory, cfg, lr_grid=grid, source=source, sources=multi,
-                       retention=[load_task(r) for r in retention], retention_n=retention_n,
-                       retention_k=retention_k,
-                       on_step=lambda _: bar.update())
+        for row in run_lrs(task, strategy, k, seed, factory, cfg, cell_lrs, source=source, sources=multi,
+                           retention=[load_task(r) for r in retention], retention_n=retention_n,
+                           retention_k=retention_k, on_step=lambda _: bar.update()):
+            row["model"] = model
+            store.append(row)
+            done += 1
+            extra = "".join(f", {n} weight {w:.2f}" for n, w in row.get("source_weights", {}).items())
+            extra += "".join(f", ICL {n} {100 * a:.1f}" for n, a in row.get("retention", {}).items())
+            bar.clear()
+            _say(f"  {sname:>14} seed {seed} lr {row['lr']:g}: accuracy {100 * row['accuracy']:.1f}, "
+                 f"validation {100 * row['val_acc']:.1f}, macro-F1 {100 * row['macro_f1']:.1f}, "
+                 f"|g| CV {row['grad_cv']:.2f}{extra} ({row['seconds']:.0f} s)")
         bar.close()
-        row["model"] = model
-        store.append(row)
-        extra = "".join(f", {n} weight {w:.2f}" for n, w in row.get("source_weights", {}).items())
-        extra += "".join(f", ICL {n} {100 * a:.1f}" for n, a in row.get("retention", {}).items())
-        _say(f"  {sname:>14} seed {seed}: accuracy {100 * row['accuracy']:.1f}, macro-F1 "
-             f"{100 * row['macro_f1']:.1f}, |g| CV {row['grad_cv']:.2f}, lr {row['lr']:g}{extra} "
-             f"({row['seconds']:.0f} s)")
     by_key = {ResultsFile.key_of(r): r for r in store.rows}
-    keys = [cell_key(t, s, k, seed, steps, model) for t, k, s, seed in
-            ((t, k, s, seed) for t in tasks for k in shots for s in strategies for seed in seeds)]
-    return [by_key[key] for key in keys if key in by_key]  # grouped as asked: task, K, strategy
+    keys = [cell_key(t, s, k, seed, lr, steps, model) for t, k, s, lr, seed in
+            ((t, k, s, lr, seed) for t in tasks for k in shots for s in strategies for lr in grids[s]
+             for seed in seeds)]
+    return [by_key[key] for key in keys if key in by_key]  # grouped as asked: task, K, strategy, lr
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -184,6 +265,7 @@ def demo(args: argparse.Namespace) -> int:
     from .tasks import load_task
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
+    keep_freed_memory()
     out = Path(args.out)
     _say("sgg-optim demo: few-shot fine-tuning of a real pretrained model on real labelled data.\n"
          "Model: all-MiniLM-L6-v2 (22.7M parameters), fully fine-tuned with a fresh classification head.\n"
@@ -229,6 +311,7 @@ def bench(args: argparse.Namespace) -> int:
     import torch
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
+    keep_freed_memory()
     store = ResultsFile(Path(args.results))
     rows = run_grid(args.tasks.split(","), args.strategies.split(","), [int(k) for k in args.shots.split(",")],
                     list(range(args.first_seed, args.first_seed + args.seeds)), args.steps, store,
@@ -237,6 +320,10 @@ def bench(args: argparse.Namespace) -> int:
                     retention=[r for r in args.retention.split(",") if r], retention_n=args.retention_n,
                     retention_k=args.retention_k, run=not args.report)
     _say("\n" + results_table(rows))
+    for k in sorted({int(r["k"]) for r in rows}):
+        _say(f"\nProtocol v2, K={k}, {args.steps} steps, {args.model} (tasks: "
+             f"{', '.join(dict.fromkeys(r['task'] for r in rows if r['k'] == k))}):\n")
+        _say(protocol_report(with_majority([r for r in rows if int(r["k"]) == k]), baseline=args.baseline))
     if any(r.get("retention") for r in rows):
         _say(f"\nIn-context accuracy (%) after tuning, {args.retention_k} demonstrations, and its drop against "
              "the pretrained model:\n")
@@ -284,7 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seeds", type=int, default=5, help="how many seeds")
     b.add_argument("--first-seed", type=int, default=0, help="seeds run from here (split a grid across processes)")
     b.add_argument("--steps", type=int, default=30)
-    b.add_argument("--lrs", default="", help="override every strategy's lr grid (comma-separated)")
+    b.add_argument("--lrs", default="", help="override every strategy's lr grid (comma-separated); each lr is "
+                   "its own run (protocol v2), the lr is chosen on validation in the report")
     b.add_argument("--model", default=MODEL_NAME, choices=MODELS,
                    help="minilm: encoder + fresh head; smollm2: causal LM scored by label words")
     b.add_argument("--sources", default=SOURCES, help="source tasks of the *-sources rows (the target is left out)")
@@ -294,7 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--retention-k", type=int, default=4, help="demonstrations per retention prompt")
     b.add_argument("--results", default="benchmarks/results/fewshot_bench.jsonl")
     b.add_argument("--plot", default="", help="also write a PNG of the grid's rows")
-    b.add_argument("--report", action="store_true", help="run nothing: the tables of the cells already done")
+    b.add_argument("--report", action="store_true", help="run nothing: the tables of the runs already done")
+    b.add_argument("--baseline", default="adamw", help="the row every paired difference is taken against")
     b.add_argument("--threads", type=int, default=0)
     b.set_defaults(func=bench)
     f = sub.add_parser("fetch", help="download and cache the models and data (then work offline)")

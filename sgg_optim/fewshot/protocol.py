@@ -1,9 +1,12 @@
-"""The k-shot protocol: sample K examples per class by seed, pick lr on validation, evaluate.
+"""The k-shot protocol (v2): sample K examples per class by seed, train at one lr, evaluate.
 
 The eval split is fixed by the task (:mod:`.tasks`); shots and the validation split
 are drawn from the task's train pool only, so they never touch eval. The validation
 split has as many examples per class as the training shots (the few-shot setting has
-no large dev set) and is the only thing the learning rate is chosen on.
+no large dev set) and is the only thing the learning rate is chosen on. Every run
+(task, strategy, K, seed, lr) is one results row holding both its validation and its
+eval figures; the lr is chosen afterwards, per (task, strategy, seed), on validation
+(:func:`sgg_optim.fewshot.results.choose_lr`).
 
     >>> labels = [0, 1] * 50
     >>> a = sample_kshot(labels, k=4, seed=3)
@@ -15,10 +18,11 @@ no large dev set) and is the only thing the learning rate is chosen on.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -91,8 +95,17 @@ def shared_reference(model: nn.Module, source_model: nn.Module, tokenizer: Any, 
 
 
 def _references(strategy: Strategy, model: nn.Module, tok: Any, task: Task, seed: int, cfg: RunConfig,
-                factory: ModelFactory, source: Optional[Task], sources: Sequence[Task]) -> Any:
-    """The reference(s) ``strategy`` guides toward, captured at ``model``'s initial point."""
+                factory: ModelFactory, source: Optional[Task], sources: Sequence[Task],
+                shots: tuple[Sequence[str], Sequence[int]] = ((), ())) -> Any:
+    """The reference(s) ``strategy`` guides toward, captured at ``model``'s initial point.
+
+    ``shots`` are the K-shot training texts and labels (the ``kshot`` reference).
+    """
+    if strategy.reference == "kshot":
+        texts, labels = shots
+        if not texts:
+            raise ValueError(f"{strategy.name} needs the K-shot training set")
+        return source_reference(model, tok, texts, labels, cfg)
     if strategy.reference == "source":
         if source is None:
             raise ValueError(f"{strategy.name} needs a source task")
@@ -121,50 +134,90 @@ def _references(strategy: Strategy, model: nn.Module, tok: Any, task: Task, seed
     return None
 
 
-def run_cell(task: Task, strategy: Strategy, k: int, seed: int, factory: ModelFactory, cfg: RunConfig,
-             *, lr_grid: Optional[Sequence[float]] = None, source: Optional[Task] = None,
-             sources: Sequence[Task] = (), retention: Sequence[Task] = (), retention_n: int = 100,
-             retention_k: int = 4,
-             on_step: Optional[Callable[[int], None]] = None) -> dict[str, Any]:
-    """Train ``strategy`` on K shots of ``task`` for each lr, keep the best on validation,
-    and report its eval figures and per-step trace (a JSON-able dict).
+def source_compatible(strategy: Strategy, task: Task, source: Optional[Task]) -> Optional[str]:
+    """Why ``strategy`` cannot run on ``task`` with ``source`` (None if it can).
 
+    A ``*-source`` row guides the target's own model toward the source task's gradient,
+    head included, so the two tasks must have the same number of labels.
+    """
+    if strategy.reference == "source" and source is not None and source.num_labels != task.num_labels:
+        return (f"{strategy.name} skipped on {task.name}: source {source.name} has {source.num_labels} labels, "
+                f"{task.name} {task.num_labels}")
+    return None
+
+
+def _rebind(reference: Any, model: nn.Module) -> Any:
+    if isinstance(reference, Reference):
+        return reference.bind(model)
+    if isinstance(reference, (list, tuple)):
+        return [_rebind(r, model) for r in reference]
+    return reference
+
+
+def majority_rate(labels: Sequence[int]) -> float:
+    """The accuracy of always predicting the most frequent class.
+
+    >>> majority_rate([0, 1, 1, 1])
+    0.75
+    """
+    return max(labels.count(c) for c in set(labels)) / len(labels) if labels else math.nan
+
+
+def run_cell(task: Task, strategy: Strategy, k: int, seed: int, factory: ModelFactory, cfg: RunConfig,
+             *, lr: Optional[float] = None, source: Optional[Task] = None, sources: Sequence[Task] = (),
+             retention: Sequence[Task] = (), retention_n: int = 100, retention_k: int = 4,
+             on_step: Optional[Callable[[int], None]] = None,
+             initial: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Train ``strategy`` on K shots of ``task`` at learning rate ``lr``; its validation and
+    eval figures and per-step trace (a JSON-able dict): one results row. A strategy that
+    does not train (``pretrained``) needs no lr; its row has lr 0.
+
+    The lr is chosen later, from these rows, on ``val_acc`` (:func:`.results.choose_lr`);
+    ``accuracy`` and ``macro_f1`` are on the task's eval split, which no choice looks at.
     ``source`` is the task of ``*-source`` and ``*-icl`` references, ``sources`` those of
     ``*-sources`` rows. With ``retention`` tasks (causal LMs only) the row also holds the
     tuned model's in-context accuracy on ``retention_n`` eval texts of each, with
     ``retention_k`` demonstrations (:mod:`sgg_optim.methods.retention`).
+
+    ``initial``: a dict shared by the calls of one (task, strategy, K, seed) at several
+    lrs (:func:`run_lrs`). The reference is captured at the model's initial point, which
+    does not depend on the lr, so the first call stores it there (with the random-number
+    state after the capture) and the others reuse it: the same figures, one capture.
     """
     t0 = time.perf_counter()
     shots = sample_kshot(task.train_labels, k, seed)
     tr_texts, tr_labels = _subset(task, shots.train)
     va_texts, va_labels = _subset(task, shots.val)
-    grid = tuple(lr_grid or strategy.lr_grid) if strategy.train else (0.0,)
-    best: Optional[tuple[tuple[float, float], float, Any, Any, dict]] = None
-    val_scores = {}
-    for lr in grid:
-        model, tok = _fresh_model(factory, task, strategy, seed)
-        if strategy.prepare is not None:
-            ctx = PrepareContext(tok, task, tuple(tr_texts), tuple(tr_labels), cfg, seed, lr)
-            model, tok = strategy.prepare(model, ctx)
-        trace: dict[str, list] = {name: [] for name in ("loss", "grad_norm", "applied_norm", "update_cos", "ref_cos")}
-        if strategy.train:
-            ref = _references(strategy, model, tok, task, seed, cfg, factory, source, sources)
-            trace = train(model, strategy, lr, batches(tok, tr_texts, tr_labels, cfg, seed), cfg, ref, on_step)
-        va_pred = predict(model, tok, va_texts, cfg)
-        score = (metrics.accuracy(va_labels, va_pred), metrics.macro_f1(va_labels, va_pred, task.num_labels))
-        val_scores[lr] = score[0]
-        if best is None or score > best[0]:
-            best = (score, lr, model, tok, trace)
+    if strategy.train and lr is None:
+        raise ValueError(f"{strategy.name} trains: run_cell needs its lr")
+    lr = float(lr) if strategy.train else 0.0  # type: ignore[arg-type]
+    model, tok = _fresh_model(factory, task, strategy, seed)
+    if strategy.prepare is not None:
+        ctx = PrepareContext(tok, task, tuple(tr_texts), tuple(tr_labels), cfg, seed, lr)
+        model, tok = strategy.prepare(model, ctx)
+    trace: dict[str, list] = {name: [] for name in ("loss", "grad_norm", "applied_norm", "update_cos", "ref_cos")}
+    if strategy.train:
+        # the initial point depends on the lr only through a prepare hook
+        memo = initial if initial is not None and strategy.prepare is None else None
+        if memo is not None and "reference" in memo:
+            ref = _rebind(memo["reference"], model)
+            torch.set_rng_state(memo["rng"])
         else:
-            del model
-    assert best is not None
-    _, lr, model, tok, trace = best
+            ref = _references(strategy, model, tok, task, seed, cfg, factory, source, sources,
+                              (tr_texts, tr_labels))
+            if memo is not None:
+                memo["reference"], memo["rng"] = ref, torch.get_rng_state()
+        trace = train(model, strategy, lr, batches(tok, tr_texts, tr_labels, cfg, seed), cfg, ref, on_step)
+    va_pred = predict(model, tok, va_texts, cfg)
     pred = predict(model, tok, task.eval_texts, cfg)
     row = {
-        "task": task.name, "strategy": strategy.name, "k": k, "seed": seed, "steps": cfg.steps,
-        "lr": lr, "val_acc": val_scores,
+        "task": task.name, "strategy": strategy.name, "k": k, "seed": seed, "steps": cfg.steps, "lr": lr,
+        "protocol": 2,
+        "val_acc": metrics.accuracy(va_labels, va_pred),
+        "val_f1": metrics.macro_f1(va_labels, va_pred, task.num_labels),
         "accuracy": metrics.accuracy(task.eval_labels, pred),
         "macro_f1": metrics.macro_f1(task.eval_labels, pred, task.num_labels),
+        "eval_majority": majority_rate(list(task.eval_labels)),
         **metrics.trace_summary(trace),
         "trace": trace,
     }
@@ -179,3 +232,12 @@ def run_cell(task: Task, strategy: Strategy, k: int, seed: int, factory: ModelFa
                                             k=retention_k)
     row["seconds"] = round(time.perf_counter() - t0, 1)
     return row
+
+
+def run_lrs(task: Task, strategy: Strategy, k: int, seed: int, factory: ModelFactory, cfg: RunConfig,
+            lrs: Sequence[float], **kwargs: Any) -> Iterator[dict[str, Any]]:
+    """:func:`run_cell` at each of ``lrs`` (one row each, yielded as it finishes), sharing
+    the reference captured at the initial point."""
+    initial: dict[str, Any] = {}
+    for lr in lrs:
+        yield run_cell(task, strategy, k, seed, factory, cfg, lr=lr, initial=initial, **kwargs)

@@ -1,34 +1,57 @@
-"""A resumable results file: one JSON line per finished cell, skipped on rerun.
+"""A resumable results file, and the protocol-v2 report computed from its rows.
 
-A cell is identified by task, strategy, K, seed, steps and model. Lines are appended
-and flushed as each cell finishes, so an interrupted grid loses at most the cell it was
-running; a truncated last line (a crash mid-write) is ignored.
+One JSON line per finished run, skipped on rerun. A run is identified by task,
+strategy, K, seed, learning rate, steps and model. Lines are appended and flushed as
+each run finishes, so an interrupted grid loses at most the run it was on; a truncated
+last line (a crash mid-write) is ignored. Rows of protocol 1 (one row per cell, the lr
+already chosen on validation) carry that chosen ``lr``, so they key the same way.
 
     >>> import tempfile, pathlib
     >>> store = ResultsFile(pathlib.Path(tempfile.mkdtemp()) / "r.jsonl")
-    >>> key = cell_key("rt-polarity", "adamw", 16, 0, 30, "minilm")
+    >>> key = cell_key("rt-polarity", "adamw", 16, 0, 5e-5, 30, "minilm")
     >>> store.done(key)
     False
     >>> store.append({**dict(zip(KEY_FIELDS, key)), "accuracy": 0.8})
     >>> store.done(key), ResultsFile(store.path).done(key)
     (True, True)
+
+The report (all pure functions of rows, so they are tested on synthetic rows):
+
+- **Pairs.** A comparison is over (task, K, seed) pairs that both rows have; every
+  "helps" is the mean paired difference against the baseline (AdamW) with a seeded
+  percentile-bootstrap 95% interval (:func:`bootstrap_ci`): it helps when the interval
+  is above 0, hurts when below, and nothing is shown otherwise (``n.s.``). With fewer
+  than ``MIN_PAIRS`` (5) pairs the interval is printed but no verdict is given.
+- **The lr chosen on validation** (:func:`choose_lr`): per (task, K, seed, row), the lr
+  with the highest validation accuracy (on that seed's validation split: K per class
+  from the train pool, disjoint from the shots); ties go to the smaller lr. The eval
+  split is never looked at. Only (task, K, seed, row) groups that ran every lr of the
+  row's sweep take part, so a partial grid does not choose from fewer lrs.
+- **Failed run** (:func:`failed`): eval accuracy at most 2 points above the eval
+  split's majority-class rate, i.e. no better than always predicting one class.
+- **Worst seed**: per task, the lowest accuracy over seeds; averaged over tasks (a
+  plain minimum would only name the hardest task).
+- **lrs within 2 points**: the row's mean accuracy at each lr (over pairs); how many lrs
+  land within 2 points of the row's best lr.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import random
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from . import metrics
 
-KEY_FIELDS = ("task", "strategy", "k", "seed", "steps", "model")
+KEY_FIELDS = ("task", "strategy", "k", "seed", "lr", "steps", "model")
 
 
-def cell_key(task: str, strategy: str, k: int, seed: int, steps: int, model: str) -> tuple:
-    return (task, strategy, int(k), int(seed), int(steps), model)
+def cell_key(task: str, strategy: str, k: int, seed: int, lr: float, steps: int, model: str) -> tuple:
+    return (task, strategy, int(k), int(seed), float(lr), int(steps), model)
 
 
 def _clean(value: Any) -> Any:
@@ -43,7 +66,7 @@ def _clean(value: Any) -> Any:
 
 
 class ResultsFile:
-    """Append-only JSONL of finished cells."""
+    """Append-only JSONL of finished runs."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -53,12 +76,12 @@ class ResultsFile:
                 try:
                     self.rows.append(json.loads(line))
                 except json.JSONDecodeError:
-                    continue  # a line cut short by a crash: that cell reruns
+                    continue  # a line cut short by a crash: that run reruns
         self._keys = {self.key_of(r) for r in self.rows}
 
     @staticmethod
-    def key_of(row: dict[str, Any]) -> tuple:
-        return cell_key(*(row[f] for f in KEY_FIELDS))
+    def key_of(row: Mapping[str, Any]) -> tuple:
+        return cell_key(*(row.get(f, 0.0) if f == "lr" else row[f] for f in KEY_FIELDS))
 
     def done(self, key: tuple) -> bool:
         return key in self._keys
@@ -77,17 +100,333 @@ METRIC_COLUMNS = ("accuracy", "macro_f1", "grad_cv", "grad_spike", "applied_cv",
                   "update_cos", "ref_cos")
 
 
-def aggregate(rows: Iterable[dict[str, Any]], by: tuple[str, ...] = ("task", "k", "strategy")
+def aggregate(rows: Iterable[dict[str, Any]], by: tuple[str, ...] = ("task", "k", "strategy", "lr")
               ) -> dict[tuple, dict[str, tuple[float, float, int]]]:
     """Mean, std and count of every metric over seeds, grouped by ``by``."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
-        groups[tuple(r[b] for b in by)].append(r)
+        groups[tuple(r.get(b) for b in by)].append(r)
     out = {}
     for g, rs in groups.items():
         out[g] = {}
         for m in METRIC_COLUMNS:
-            vals = [math.nan if r.get(m) is None else r[m] for r in rs]
+            vals = [_num(r.get(m)) for r in rs]
             mu, sd = metrics.mean_std(vals)
             out[g][m] = (mu, sd, sum(1 for v in vals if math.isfinite(v)))
     return out
+
+
+# ---------------------------------------------------------------- protocol v2 report
+
+FAIL_MARGIN = 0.02  # a run within 2 points of always predicting one class has failed
+NEAR_BEST = 0.02  # an lr "lands within 2 points" of the row's best
+BOOTSTRAP_RESAMPLES = 10_000
+BOOTSTRAP_SEED = 0
+MIN_PAIRS = 5  # fewer pairs: the interval is shown, no verdict (a bootstrap of 2-4 values is degenerate)
+
+
+def _num(value: Any) -> float:
+    return math.nan if value is None else float(value)
+
+
+def pair_of(row: Mapping[str, Any]) -> tuple:
+    """The unit a comparison is paired over: (task, K, seed)."""
+    return (row["task"], int(row["k"]), int(row["seed"]))
+
+
+def val_accuracy(row: Mapping[str, Any]) -> float:
+    """The row's validation accuracy. A protocol-1 row holds ``{lr: accuracy}`` for every lr
+    it tried; its own is the one at its (chosen) ``lr``."""
+    v = row.get("val_acc")
+    if isinstance(v, Mapping):
+        lr = float(row.get("lr", 0.0))
+        for key, acc in v.items():
+            if float(key) == lr:
+                return _num(acc)
+        return math.nan
+    return _num(v)
+
+
+def failed(row: Mapping[str, Any], margin: float = FAIL_MARGIN) -> Optional[bool]:
+    """Whether eval accuracy is within ``margin`` of (or below) the majority-class rate of the
+    eval split; None when the row does not know that rate (``eval_majority``).
+
+    >>> failed({"accuracy": 0.51, "eval_majority": 0.5}), failed({"accuracy": 0.6, "eval_majority": 0.5})
+    (True, False)
+    """
+    majority = row.get("eval_majority")
+    if majority is None:
+        return None
+    return float(row["accuracy"]) <= float(majority) + margin
+
+
+def choose_lr(rows: Iterable[Mapping[str, Any]], lrs: Optional[Mapping[str, Sequence[float]]] = None,
+              ) -> dict[tuple, Mapping[str, Any]]:
+    """Per (task, K, seed, strategy): the row at the lr chosen on validation.
+
+    The highest validation accuracy wins; ties go to the smaller lr. Only groups with
+    every lr of the strategy's sweep take part: ``lrs[strategy]`` if given, else every lr
+    the strategy has in ``rows``.
+
+    >>> rows = [{"task": "t", "k": 2, "seed": 0, "strategy": "s", "lr": lr, "val_acc": v}
+    ...         for lr, v in ((1e-4, 0.75), (2e-5, 0.75), (5e-5, 0.5))]
+    >>> choose_lr(rows)[("t", 2, 0, "s")]["lr"]
+    2e-05
+    """
+    rows = list(rows)
+    sweep: dict[str, set[float]] = defaultdict(set)
+    groups: dict[tuple, dict[float, Mapping[str, Any]]] = defaultdict(dict)
+    for r in rows:
+        lr = float(r.get("lr", 0.0))
+        sweep[r["strategy"]].add(lr)
+        groups[pair_of(r) + (r["strategy"],)][lr] = r
+    out = {}
+    for key, by_lr in groups.items():
+        need = set(map(float, lrs[key[-1]])) if lrs is not None and key[-1] in lrs else sweep[key[-1]]
+        if not need <= set(by_lr):
+            continue
+        best = min(need, key=lambda lr: (-_finite_or(val_accuracy(by_lr[lr]), -1.0), lr))
+        out[key] = by_lr[best]
+    return out
+
+
+def _finite_or(value: float, default: float) -> float:
+    return value if math.isfinite(value) else default
+
+
+def _quantile(sorted_values: Sequence[float], q: float) -> float:
+    pos = q * (len(sorted_values) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def bootstrap_ci(values: Sequence[float], resamples: int = BOOTSTRAP_RESAMPLES, level: float = 0.95,
+                 seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the mean of ``values`` (NaN with fewer than 2).
+
+    Seeded, so a report is reproducible: ``resamples`` means of ``len(values)`` values drawn
+    with replacement, and their ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles.
+
+    >>> bootstrap_ci([1.0, 1.0, 1.0])
+    (1.0, 1.0)
+    >>> lo, hi = bootstrap_ci([-1.0, 0.0, 1.0, 2.0]); lo < 0.5 < hi
+    True
+    """
+    v = [float(x) for x in values]
+    if len(v) < 2:
+        return math.nan, math.nan
+    rng = random.Random(seed)
+    n = len(v)
+    means = sorted(sum(rng.choices(v, k=n)) / n for _ in range(resamples))
+    return _quantile(means, (1 - level) / 2), _quantile(means, (1 + level) / 2)
+
+
+@dataclass(frozen=True)
+class Paired:
+    """Mean paired difference (row - baseline) over ``n`` pairs and its bootstrap interval."""
+
+    mean: float
+    lo: float
+    hi: float
+    n: int
+
+    @property
+    def verdict(self) -> str:
+        """``helps`` / ``hurts`` when the interval excludes 0, else ``n.s.`` (not shown);
+        ``—`` with fewer than ``MIN_PAIRS`` pairs."""
+        if self.n < MIN_PAIRS or not (math.isfinite(self.lo) and math.isfinite(self.hi)):
+            return "—"
+        return "helps" if self.lo > 0 else "hurts" if self.hi < 0 else "n.s."
+
+
+def paired(rows: Mapping[tuple, Mapping[str, Any]], baseline: Mapping[tuple, Mapping[str, Any]],
+           metric: str = "accuracy", **bootstrap: Any) -> Paired:
+    """Paired difference of ``metric`` between two {pair: row} maps over their common pairs."""
+    common = sorted(set(rows) & set(baseline))
+    diffs = [_num(rows[p].get(metric)) - _num(baseline[p].get(metric)) for p in common]
+    diffs = [d for d in diffs if math.isfinite(d)]
+    if not diffs:
+        return Paired(math.nan, math.nan, math.nan, 0)
+    lo, hi = bootstrap_ci(diffs, **bootstrap)
+    return Paired(sum(diffs) / len(diffs), lo, hi, len(diffs))
+
+
+def _worst_seed(by_pair: Mapping[tuple, Mapping[str, Any]]) -> float:
+    """Per (task, K): the lowest accuracy over seeds; the mean over (task, K)."""
+    worst: dict[tuple, float] = {}
+    for (task, k, _), r in by_pair.items():
+        a = _num(r.get("accuracy"))
+        worst[(task, k)] = min(worst.get((task, k), a), a)
+    return metrics.nanmean(list(worst.values()))
+
+
+def _failed_rate(rs: Iterable[Mapping[str, Any]]) -> float:
+    flags = [f for f in (failed(r) for r in rs) if f is not None]
+    return sum(flags) / len(flags) if flags else math.nan
+
+
+def _summary(by_pair: Mapping[tuple, Mapping[str, Any]]) -> dict[str, Any]:
+    rs = list(by_pair.values())
+    return {
+        "n": len(rs),
+        "accuracy": metrics.nanmean([_num(r.get("accuracy")) for r in rs]),
+        "worst_seed": _worst_seed(by_pair),
+        "failed": _failed_rate(rs),
+        "applied_cv": metrics.nanmean([_num(r.get("applied_cv")) for r in rs]),
+        "applied_spike": metrics.nanmean([_num(r.get("applied_spike")) for r in rs]),
+        "update_cos": metrics.nanmean([_num(r.get("update_cos")) for r in rs]),
+    }
+
+
+def _strategies(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    return list(dict.fromkeys(r["strategy"] for r in rows))
+
+
+def per_lr(rows: Iterable[Mapping[str, Any]], baseline: str = "adamw", **bootstrap: Any) -> list[dict[str, Any]]:
+    """One record per (strategy, lr): the mean over (task, K, seed) and the paired difference
+    against ``baseline`` at the same lr."""
+    rows = list(rows)
+    cells: dict[tuple[str, float], dict[tuple, Mapping[str, Any]]] = defaultdict(dict)
+    for r in rows:
+        cells[(r["strategy"], float(r.get("lr", 0.0)))][pair_of(r)] = r
+    out = []
+    for s in _strategies(rows):
+        for lr in sorted(lr for (name, lr) in cells if name == s):
+            rec = {"strategy": s, "lr": lr, **_summary(cells[(s, lr)])}
+            base = cells.get((baseline, lr))
+            rec["vs_baseline"] = paired(cells[(s, lr)], base, **bootstrap) if base and s != baseline else None
+            out.append(rec)
+    return out
+
+
+def at_chosen_lr(rows: Iterable[Mapping[str, Any]], baseline: str = "adamw",
+                 lrs: Optional[Mapping[str, Sequence[float]]] = None, **bootstrap: Any) -> list[dict[str, Any]]:
+    """One record per strategy at its validation-chosen lr (:func:`choose_lr`): the mean
+    over (task, K, seed), how often each lr was chosen, and the paired difference against
+    ``baseline`` at *its* chosen lr."""
+    rows = list(rows)
+    chosen = choose_lr(rows, lrs)
+    by_strategy: dict[str, dict[tuple, Mapping[str, Any]]] = defaultdict(dict)
+    for key, r in chosen.items():
+        by_strategy[key[-1]][key[:-1]] = r
+    base = by_strategy.get(baseline)
+    out = []
+    for s in _strategies(rows):
+        if s not in by_strategy:
+            continue
+        picks: dict[float, int] = defaultdict(int)
+        for r in by_strategy[s].values():
+            picks[float(r.get("lr", 0.0))] += 1
+        rec = {"strategy": s, **_summary(by_strategy[s]), "chosen": dict(sorted(picks.items()))}
+        rec["vs_baseline"] = paired(by_strategy[s], base, **bootstrap) if base and s != baseline else None
+        out.append(rec)
+    return out
+
+
+def over_sweep(rows: Iterable[Mapping[str, Any]], near: float = NEAR_BEST) -> list[dict[str, Any]]:
+    """One record per strategy over every lr it ran: mean, worst run (per task and K the
+    lowest accuracy over seeds and lrs, averaged), failed-run rate, and how many lrs land
+    within ``near`` of the strategy's best lr (by mean accuracy over pairs)."""
+    rows = list(rows)
+    out = []
+    for s in _strategies(rows):
+        rs = [r for r in rows if r["strategy"] == s]
+        by_run = {pair_of(r) + (float(r.get("lr", 0.0)),): r for r in rs}
+        worst: dict[tuple, float] = {}
+        for (task, k, _, _), r in by_run.items():
+            a = _num(r.get("accuracy"))
+            worst[(task, k)] = min(worst.get((task, k), a), a)
+        lr_means: dict[float, list[float]] = defaultdict(list)
+        for r in rs:
+            lr_means[float(r.get("lr", 0.0))].append(_num(r.get("accuracy")))
+        means = {lr: metrics.nanmean(v) for lr, v in lr_means.items()}
+        best = max(means.values())
+        out.append({
+            "strategy": s, "n": len(rs), "lrs": len(means),
+            "accuracy": metrics.nanmean([_num(r.get("accuracy")) for r in rs]),
+            "worst_run": metrics.nanmean(list(worst.values())),
+            "failed": _failed_rate(rs),
+            "near_best": sum(1 for m in means.values() if m >= best - near - 1e-12),
+            "best_lr": min(lr for lr, m in means.items() if m == best),
+            "applied_cv": metrics.nanmean([_num(r.get("applied_cv")) for r in rs]),
+            "applied_spike": metrics.nanmean([_num(r.get("applied_spike")) for r in rs]),
+            "update_cos": metrics.nanmean([_num(r.get("update_cos")) for r in rs]),
+        })
+    return out
+
+
+# ---------------------------------------------------------------- Markdown
+
+def md_escape(text: str) -> str:
+    """``|`` escaped so a header like ``|g| CV`` does not split a Markdown table cell.
+
+    >>> md_escape("|g| CV")
+    '\\\\|g\\\\| CV'
+    """
+    return str(text).replace("|", "\\|")
+
+
+def markdown_table(head: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
+    """A Markdown table; every cell escaped (:func:`md_escape`)."""
+    out = ["| " + " | ".join(md_escape(h) for h in head) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join(md_escape(c) for c in line) + " |" for line in lines]
+    return "\n".join(out)
+
+
+def _pct(x: float, digits: int = 1) -> str:
+    return f"{100 * x:.{digits}f}" if math.isfinite(x) else "—"
+
+
+def _f(x: float) -> str:
+    return f"{x:.2f}" if math.isfinite(x) else "—"
+
+
+def _diff(p: Optional[Paired]) -> list[str]:
+    if p is None or p.n == 0:
+        return ["—", "—"]
+    ci = f"[{100 * p.lo:+.1f}, {100 * p.hi:+.1f}]" if math.isfinite(p.lo) else "—"
+    return [f"{100 * p.mean:+.1f} {ci} (n={p.n})", p.verdict]
+
+
+def protocol_report(rows: Iterable[Mapping[str, Any]], baseline: str = "adamw",
+                    lrs: Optional[Mapping[str, Sequence[float]]] = None, **bootstrap: Any) -> str:
+    """The three protocol-v2 tables in Markdown (accuracy in %, differences in points)."""
+    rows = list(rows)
+    if not rows:
+        return "(no rows)"
+    parts = []
+    b = baseline
+    recs = at_chosen_lr(rows, baseline, lrs, **bootstrap)
+    parts.append("At each row's validation-chosen lr (per task, K and seed: best validation accuracy, "
+                 "ties to the smaller lr; eval never looked at):\n")
+    parts.append(markdown_table(
+        ["row", "pairs", "accuracy", "worst seed", "failed", "applied CV", "applied spike", "cos(Δt,Δt-1)",
+         "lr chosen (count)", f"Δ vs {b} [95% CI]", "verdict"],
+        [[r["strategy"], str(r["n"]), _pct(r["accuracy"]), _pct(r["worst_seed"]), _pct(r["failed"], 0) + "%",
+          _f(r["applied_cv"]), _f(r["applied_spike"]), _f(r["update_cos"]),
+          ", ".join(f"{lr:g}: {c}" for lr, c in r["chosen"].items())] + _diff(r["vs_baseline"])
+         for r in recs]))
+    parts.append("\nAt each lr:\n")
+    parts.append(markdown_table(
+        ["row", "lr", "pairs", "accuracy", "worst seed", "failed", "applied CV", "applied spike", "cos(Δt,Δt-1)",
+         f"Δ vs {b} [95% CI]", "verdict"],
+        [[r["strategy"], f"{r['lr']:g}", str(r["n"]), _pct(r["accuracy"]), _pct(r["worst_seed"]),
+          _pct(r["failed"], 0) + "%", _f(r["applied_cv"]), _f(r["applied_spike"]), _f(r["update_cos"])]
+         + _diff(r["vs_baseline"]) for r in per_lr(rows, baseline, **bootstrap)]))
+    parts.append("\nOver the whole lr sweep:\n")
+    parts.append(markdown_table(
+        ["row", "runs", "lrs", "accuracy", "worst run", "failed", "lrs within 2 pts of best", "best lr",
+         "applied CV", "applied spike", "cos(Δt,Δt-1)"],
+        [[r["strategy"], str(r["n"]), str(r["lrs"]), _pct(r["accuracy"]), _pct(r["worst_run"]),
+          _pct(r["failed"], 0) + "%", f"{r['near_best']} of {r['lrs']}", f"{r['best_lr']:g}",
+          _f(r["applied_cv"]), _f(r["applied_spike"]), _f(r["update_cos"])] for r in over_sweep(rows)]))
+    parts.append(f"\npairs: (task, K, seed) runs; Δ: mean paired difference against {b} over the pairs both "
+                 f"have, in points, with a percentile-bootstrap 95% interval ({BOOTSTRAP_RESAMPLES} resamples, "
+                 f"seeded); verdict: helps / hurts when the interval excludes 0, n.s. otherwise, — under {MIN_PAIRS} pairs. "
+                 "worst seed: per "
+                 "task, the lowest accuracy over seeds, averaged over tasks (worst run: over seeds and lrs). "
+                 f"failed: eval accuracy within {100 * FAIL_MARGIN:.0f} points of always predicting the "
+                 "majority class. applied CV / spike: coefficient of variation and max/median of the norm of "
+                 "the gradient the optimizer used; cos(Δt,Δt-1): consecutive-update cosine.")
+    return "\n".join(parts)

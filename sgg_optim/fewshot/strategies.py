@@ -30,10 +30,10 @@ from torch import Tensor, nn
 from ..adamw import GuidedAdamW
 from ..reference import Reference
 
-FULL_LRS = (2e-5, 5e-5, 1e-4)
+FULL_LRS = (2e-5, 5e-5, 1e-4, 2e-4)  # protocol v2: the sweep of issue 10
 LORA_LRS = (5e-4, 1e-3, 3e-3)
 LABEL_LRS = (1e-3, 3e-3, 1e-2)  # L-Tuning trains only label embeddings and a prompt / prefix
-REFERENCES = ("ema", "source", "sources", "icl")
+REFERENCES = ("ema", "source", "sources", "icl", "kshot")
 
 
 @dataclass(frozen=True)
@@ -59,9 +59,11 @@ class Strategy:
     """One row of the comparison. ``guidance=None`` means plain ``torch.optim.AdamW``.
 
     ``reference``: ``"ema"`` (the optimizer's own), ``"source"`` (captured on the source
-    task before training), ``"sources"`` (one per source task: multi-source alignment) or
+    task before training), ``"sources"`` (one per source task: multi-source alignment),
     ``"icl"`` (the label-word loss of the pretrained causal LM on in-context prompts of the
-    source task). ``train=False`` evaluates the prepared model without training.
+    source task) or ``"kshot"`` (the class-balanced mean gradient of the K-shot training
+    set at the model's initial point, frozen: needs no source task). ``train=False``
+    evaluates the prepared model without training.
     """
 
     name: str
@@ -83,9 +85,11 @@ class Strategy:
                         reference: Optional[Reference | Sequence[Reference]] = None) -> torch.optim.Optimizer:
         """The optimizer over ``model``'s trainable parameters (named, so references bind)."""
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        # foreach: the same arithmetic as the per-tensor loop (bit for bit), one call per op
+        # for all tensors; PyTorch's default on GPU, not on CPU
         if self.guidance is None:
-            return torch.optim.AdamW([p for _, p in params], lr=lr, weight_decay=0.01)
-        kwargs = dict(self.guidance)
+            return torch.optim.AdamW([p for _, p in params], lr=lr, weight_decay=0.01, foreach=True)
+        kwargs = dict(self.guidance, foreach=True)
         if self.reference != "ema":
             if reference is None:
                 raise ValueError(f"strategy {self.name} needs a {self.reference} reference")
@@ -146,6 +150,7 @@ def get_strategy(name: str) -> Strategy:
 _CONE = {"direction": "cone", "max_angle": 60.0, "magnitude": "adaptive"}
 _BLEND = {"direction": "blend", "strength": 0.3, "magnitude": "adaptive"}
 _PROJECT = {"direction": "project", "magnitude": "off"}
+_ADAPTIVE = {"direction": "off", "magnitude": "adaptive", "warmup_steps": 3}
 
 for _s in (
     Strategy("adamw", description="torch.optim.AdamW, no clipping"),
@@ -166,6 +171,16 @@ for _s in (
     Strategy("cone-icl", guidance=_CONE, reference="icl",
              description="cone 60 deg around the pretrained LM's in-context gradient on the source task"),
     Strategy("lora", lr_grid=LORA_LRS, lora=True, description="LoRA r=8 on attention, AdamW"),
+    Strategy("cone-kshot", guidance=_CONE, reference="kshot",
+             description="cone 60 deg + adaptive norm around the K shots' own mean gradient at the start "
+                         "(class-balanced, frozen; no source task)"),
+    Strategy("project-kshot", guidance=_PROJECT, reference="kshot",
+             description="A-GEM-style projection on the K shots' mean gradient at the start (frozen)"),
+    Strategy("adaptive", guidance=_ADAPTIVE,
+             description="magnitude control alone: norms above 3x their running mean scaled down, "
+                         "warm-up 3, no direction rule"),
+    Strategy("cone-ema-w3", guidance={**_CONE, "warmup_steps": 3},
+             description="GuidedAdamW defaults (cone 60 deg + adaptive norm, EMA ref) with warm-up 3 instead of 10"),
 ):
     register(_s)
 # short names for composition ("promot+cone"): the EMA-reference rows
