@@ -5,6 +5,6 @@ edge of the package); this module keeps ``from sgg_optim.accelerate import
 GuidancePlugin`` working.
 """
 
-from .integrations.accelerate import ENV_PREFIX, GuidancePlugin, find_guided, flat_stats
+from .integrations.accelerate import ENV_PREFIX, GuidanceCheckpoint, GuidancePlugin, find_guided, flat_stats
 
-__all__ = ["ENV_PREFIX", "GuidancePlugin", "find_guided", "flat_stats"]
+__all__ = ["ENV_PREFIX", "GuidanceCheckpoint", "GuidancePlugin", "find_guided", "flat_stats"]

@@ -24,16 +24,22 @@ FIELDS = ("format", "config", "reference", "num_sources", "layout", "accepted", 
 
 
 def pack_guidance(state: GuidanceState, config: GuidanceConfig, reference_mode: str,
-                  layout: list[list[int]]) -> dict[str, Any]:
-    """The ``"guidance"`` entry of a state dict (the state's tensors, not copies)."""
+                  layout: list[list[int]],
+                  tensors: Optional[Callable[[int, Store], dict[str, Tensor]]] = None) -> dict[str, Any]:
+    """The ``"guidance"`` entry of a state dict (the state's tensors, not copies).
+
+    ``tensors(i, store)``, when given, says what to save of parameter ``i``'s store (the
+    optimizer gathers sharded ones whole); it is called in the same order on every rank.
+    """
     blocks = state.blocks
+    save = tensors or (lambda i, store: store.state())
     refs: dict[int, dict[str, dict[str, Tensor]]] = {}
-    for i, store in state.ema.items():
-        refs.setdefault(i, {})["ema"] = store.state()
-    for i, stores in state.sources.items():
-        for j, s in enumerate(stores):
+    for i in sorted(state.ema):
+        refs.setdefault(i, {})["ema"] = save(i, state.ema[i])
+    for i in sorted(state.sources):
+        for j, s in enumerate(state.sources[i]):
             if s is not None:
-                refs.setdefault(i, {})[f"source{j}"] = s.state()
+                refs.setdefault(i, {})[f"source{j}"] = save(i, s)
     return {
         "format": CHECKPOINT_FORMAT,
         "config": config.as_dict(),
@@ -95,20 +101,23 @@ def check_compatible(saved: Any, config: GuidanceConfig, reference_mode: str, nu
 
 
 def unpack_guidance(saved: Any, config: GuidanceConfig, reference_mode: str, num_sources: int,
-                    params: list[Tensor], num_blocks: int, describe: Callable[[int], str]) -> GuidanceState:
+                    params: list[Tensor], num_blocks: int, describe: Callable[[int], str],
+                    cut: Optional[Callable[[int, Store], Store]] = None) -> GuidanceState:
     """The :class:`GuidanceState` of a saved entry, every field checked; ``params`` are the
     optimizer's parameters in ``param_groups`` order (under FSDP2 each reference fits this
-    rank's local shard). Nothing is changed here: the caller swaps the state in."""
+    rank's local shard; with ``cut``, the saved tensors are whole and ``cut(i, store)``
+    gives this rank's part). Nothing is changed here: the caller swaps the state in."""
     check_compatible(saved, config, reference_mode, num_sources, [list(p.shape) for p in params], describe)
     blocks = BlockState.from_saved(saved, num_blocks, num_sources)
     ema, sources = _unpack_references(saved["refs"], params, num_sources, reference_mode,
-                                      config.reference_dtype, describe)
+                                      config.reference_dtype, describe, cut)
     return GuidanceState(num_sources=num_sources, ema=ema, sources=sources, blocks=blocks,
                          accepted=saved["accepted"], skipped=saved["skipped"])
 
 
 def _unpack_references(saved_refs: Any, params: list[Tensor], num_sources: int, reference_mode: str,
                        storage: str, describe: Callable[[int], str],
+                       cut: Optional[Callable[[int, Store], Store]] = None,
                        ) -> tuple[dict[int, Store], dict[int, list[Optional[Store]]]]:
     """Rebuild the EMA and source stores of :func:`pack_guidance` on each parameter's device."""
     if not isinstance(saved_refs, dict):
@@ -124,12 +133,15 @@ def _unpack_references(saved_refs: Any, params: list[Tensor], num_sources: int, 
             raise ValueError(f"{_field('refs')}[{i}] has entries {sorted(entry) if isinstance(entry, dict) else entry!r}"
                              f", expected some of {sorted(keys)}")
         p = local_shard(params[i])
+        shape = params[i].shape if cut is not None else p.shape
         for key, tensors in entry.items():
             try:
                 if not isinstance(tensors, dict):
                     raise ValueError("expected a dict of tensors")
                 store = store_from_state({n: t.to(p.device) if isinstance(t, Tensor) else t
-                                          for n, t in tensors.items()}, p.shape, storage)
+                                          for n, t in tensors.items()}, shape, storage)
+                if cut is not None:
+                    store = cut(i, store)
             except ValueError as e:
                 raise ValueError(f"{_field('refs')}[{i}][{key!r}] (parameter {describe(i)}): {e}") from e
             if key == "ema":

@@ -25,7 +25,7 @@ from .config import GuidanceConfig
 from .functional import (FIGURES, Coefficients, apply_guidance_, block_stats, block_stats_rescaled,
                          guidance_coefficients)
 from .reference import Reference, param_names
-from .sharding import ShardSpec, is_sharded, local_shard, local_slice, shard_group
+from .sharding import ShardSpec, gather, is_sharded, local_shard, local_slice, shard_group
 from .state import BlockState, GuidanceState
 from .storage import Store, make_store, zeros_store
 
@@ -454,6 +454,55 @@ class GuidedOptimizer(Optimizer):
         state["guidance"] = pack_guidance(self._guidance, self.config, self.reference_mode,
                                           [list(p.shape) for _, p in self._flat_params()])
         return state
+
+    def guidance_state_dict(self) -> dict[str, Any]:
+        """The guidance entry of :meth:`state_dict`, with every sharded (FSDP2) reference
+        gathered whole, so the entry does not depend on how the model was sharded.
+
+        For checkpointers that rebuild the optimizer state from ``state`` and
+        ``param_groups`` alone, as ``torch.distributed.checkpoint``'s
+        ``get_optimizer_state_dict`` (behind Accelerate's ``save_state`` under FSDP2)
+        does: save this beside it and restore it with :meth:`load_guidance_state_dict`
+        *after* the optimizer state (``GuidancePlugin`` registers both with Accelerate).
+        Under FSDP2 this is a collective: call it on every rank.
+
+        Example:
+            >>> import torch
+            >>> opt = GuidedOptimizer(torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1))
+            >>> entry = opt.guidance_state_dict()
+            >>> entry["accepted"], entry["reference"]
+            (0, 'ema')
+            >>> opt.load_guidance_state_dict(entry)
+        """
+        flat = self._flat_params()
+        storage = self.config.reference_dtype
+
+        def whole(i: int, store: Store) -> dict[str, Tensor]:
+            p = flat[i][1]
+            if not is_sharded(p):
+                return store.state()
+            return make_store(gather(store.dense(), ShardSpec.of(p)), storage).state()
+
+        return pack_guidance(self._guidance, self.config, self.reference_mode,
+                             [list(p.shape) for _, p in flat], whole)
+
+    def load_guidance_state_dict(self, saved: dict[str, Any]) -> None:
+        """Restore an entry of :meth:`guidance_state_dict`, each rank keeping its shard of
+        every reference. Checked field by field before anything changes, as
+        :meth:`load_state_dict`; the base optimizer's state is left as it is."""
+        flat = self._flat_params()
+        storage = self.config.reference_dtype
+
+        def cut(i: int, store: Store) -> Store:
+            p = flat[i][1]
+            return make_store(local_slice(store.dense().to(local_shard(p).device), ShardSpec.of(p)), storage) \
+                if is_sharded(p) else store
+
+        loaded = unpack_guidance(saved, self.config, self.reference_mode, self._guidance.num_sources,
+                                 [p for _, p in flat], self._num_blocks(), self._describe, cut)
+        self._guidance = loaded
+        if loaded.num_sources:
+            self._prepare_sources()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         """Load a :meth:`state_dict`. Every field of the guidance entry is checked (format,

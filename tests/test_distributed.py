@@ -329,3 +329,24 @@ def accelerated_with_scaler():
 
     yield build
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.parametrize("reference", ["source", "ema"])
+def test_accelerate_fsdp2_parameter_swap_and_distributed_checkpoint(reference, tmp_path):
+    """Accelerate's FSDP2 prepare swaps the optimizer's parameters for sharded DTensors and
+    save_state checkpoints through torch's distributed checkpoint. Guards: guidance state
+    keyed by the original Parameter objects (the captured reference stops applying), and
+    a guidance state that the distributed checkpoint drops (the resume loses the EMA and
+    statistics)."""
+    worker = WORKER.parent / "accelerate_fsdp2_worker.py"
+    run_all([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+             str(worker), "--out", str(tmp_path), "--reference", reference])
+    ranks = results(tmp_path, 2)
+    for rank in ranks:
+        assert rank["sharded"] and rank["reference_mode"] == ("sources" if reference == "source" else "ema")
+        assert_close(rank["params"], rank["single"], 1e-6)  # guided as on one process, unsharded
+        assert rank["stats"]["projected"] == rank["single_stats"]["projected"] > 0
+        assert rank["clipped"] and rank["clipped"] == rank["single_clipped"]  # the spike was clipped
+        for name, value in rank["params"].items():  # resumed from the distributed checkpoint
+            assert torch.equal(value, rank["resumed"][name]), name
+    assert_far_from_unguided(ranks[0]["params"], unguided_params(), 1e-6)

@@ -143,6 +143,10 @@ class GuidancePlugin:
             _replace_inner(holder, guided)
         if accelerator is not None:
             self.track(guided, accelerator)
+            if getattr(getattr(accelerator, "distributed_type", None), "value", None) == "FSDP":
+                # save_state goes through torch's distributed checkpoint, which keeps only
+                # `state` and `param_groups` of the optimizer: carry the guidance state beside it.
+                accelerator.register_for_checkpointing(GuidanceCheckpoint(guided))
         return holder if holder is not None else guided
 
     def _reference(self, reference: Any, model: Optional[torch.nn.Module]) -> Any:
@@ -180,6 +184,38 @@ class GuidancePlugin:
         values = flat_stats(guided.stats, self.log_prefix)
         accelerator.log(values, step=guided.stats["step"] if step is None else step)
         return values
+
+
+class GuidanceCheckpoint:
+    """The guidance state of an optimizer as an object Accelerate checkpoints
+    (``accelerator.register_for_checkpointing``); :meth:`GuidancePlugin.wrap` registers
+    one under FSDP, where ``save_state`` saves the optimizer through
+    ``torch.distributed.checkpoint`` and the ``"guidance"`` entry of its state dict would
+    be dropped. Accelerate calls ``state_dict`` on every rank (a collective here: sharded
+    references are gathered) and writes rank 0's; ``load_state`` restores it after the
+    optimizer, each rank keeping its shard.
+
+    Example:
+        >>> import torch
+        >>> from sgg_optim import GuidedAdamW
+        >>> ckpt = GuidanceCheckpoint(GuidedAdamW(torch.nn.Linear(2, 1).parameters()))
+        >>> sorted(ckpt.state_dict())[:3]
+        ['accepted', 'align_ema', 'config']
+    """
+
+    def __init__(self, optimizer: Optimizer) -> None:
+        guided = find_guided(optimizer)
+        if guided is None:
+            raise TypeError(f"{type(optimizer).__name__} does not wrap a GuidedOptimizer")
+        self.optimizer = guided
+
+    def state_dict(self) -> dict[str, Any]:
+        """:meth:`GuidedOptimizer.guidance_state_dict`."""
+        return self.optimizer.guidance_state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """:meth:`GuidedOptimizer.load_guidance_state_dict`."""
+        self.optimizer.load_guidance_state_dict(state_dict)
 
 
 def flat_stats(stats: dict[str, Any], prefix: str = "guidance/") -> dict[str, float]:
