@@ -3,8 +3,7 @@
 Side by side in one run, for each code (``sgg_optim.storage.INT8_CODES``):
 
 * cosine error: ``|cos(g, r_int8) - cos(g, r_fp32)|`` through the library's statistics
-  pass, on the cases of ``benchmarks/memory.py --section cosine`` (random tensors, half
-  heavy-tailed, references of scale 1e-3..1e3; gradients of a tiny Llama);
+  pass, on the cases of ``benchmarks/memory.py --section cosine`` (``memory.cosine_cases``);
 * bytes per parameter of the store;
 * time per step of a guided AdamW step with an int8 EMA reference and with a frozen
   int8 reference, as a ratio to the fused AdamW step on the same parameters (20M fp32
@@ -35,37 +34,8 @@ from sgg_optim import GuidedAdamW, Reference  # noqa: E402
 from sgg_optim import storage  # noqa: E402
 from sgg_optim.functional import block_stats  # noqa: E402
 
-
-def cosine_cases(seeds: int) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cases = []
-    for seed in range(seeds):
-        g = torch.Generator().manual_seed(seed)
-        rho = torch.rand((), generator=g).item() * 2 - 1
-        grads, refs = [], []
-        for shape in [(64, 128), (128,), (300, 70), (5000,)]:
-            r = torch.randn(shape, generator=g)
-            if seed % 2:
-                r = r * torch.randn(shape, generator=g).exp()
-            grads.append(rho * r + math.sqrt(1 - rho ** 2) * torch.randn(shape, generator=g) * r.std())
-            refs.append(r * 10 ** (torch.rand((), generator=g).item() * 6 - 3))
-        cases.append((grads, refs))
-    for seed in range(max(seeds // 10, 2)):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
-                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                             max_position_embeddings=64))
-        batches = []
-        for _ in range(2):
-            model.zero_grad()
-            ids = torch.randint(0, 256, (4, 32))
-            model(input_ids=ids, labels=ids).loss.backward()
-            batches.append([p.grad.clone() for p in model.parameters()])
-        g1, g2 = batches
-        mean = [(a + b) / 2 for a, b in zip(g1, g2)]
-        cases += [(g1, g2), (g1, mean), (g2, mean), (g1, g1)]
-    return cases
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from memory import cosine_cases  # noqa: E402  (the cases of memory.py --section cosine)
 
 
 def cos_with(grads, refs, make) -> float:
@@ -129,7 +99,7 @@ def main() -> None:
              f"`python benchmarks/int8_store.py --rounds {args.rounds} --threads {args.threads}`; "
              f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
              f"load average at start {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}.\n"]
-    cases = cosine_cases(args.cos_seeds)
+    cases = [case for items in cosine_cases(args.cos_seeds).values() for case in items]
     lines += ["## Cosine error against fp32, and bytes per parameter\n",
               "| code | cases | max \\|Δcos\\| | p99 | median | bytes/param (20M params) |", "|---|---|---|---|---|---|"]
     numel = sum(math.prod(s) for s in shapes_20m())

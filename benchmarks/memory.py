@@ -172,11 +172,14 @@ def _cos(grads: list[torch.Tensor], refs: list[torch.Tensor], storage: str) -> f
     return (st[1] / (st[0] * st[2]).sqrt()).item()
 
 
-def section_cosine(args: argparse.Namespace) -> dict[str, Any]:
+def cosine_cases(seeds: int) -> dict[str, list[tuple[list[torch.Tensor], list[torch.Tensor]]]]:
+    """(gradients, references) pairs: ``random`` (4 tensors, g at a random cosine with r,
+    r of scale 1e-3..1e3, every other seed heavy-tailed) and ``llama`` (gradients of a
+    tiny Llama on two batches; r = one batch, the mean, or g itself)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cases: dict[str, list[tuple[list[torch.Tensor], list[torch.Tensor]]]] = {"random": [], "llama": []}
-    for seed in range(args.cos_seeds):
+    for seed in range(seeds):
         g = torch.Generator().manual_seed(seed)
         rho = torch.rand((), generator=g).item() * 2 - 1
         grads, refs = [], []
@@ -187,7 +190,7 @@ def section_cosine(args: argparse.Namespace) -> dict[str, Any]:
             grads.append(rho * r + math.sqrt(1 - rho ** 2) * torch.randn(shape, generator=g) * r.std())
             refs.append(r * 10 ** (torch.rand((), generator=g).item() * 6 - 3))
         cases["random"].append((grads, refs))
-    for seed in range(max(args.cos_seeds // 10, 2)):
+    for seed in range(max(seeds // 10, 2)):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -201,6 +204,11 @@ def section_cosine(args: argparse.Namespace) -> dict[str, Any]:
         g1, g2 = batches
         mean = [(a + b) / 2 for a, b in zip(g1, g2)]
         cases["llama"] += [(g1, g2), (g1, mean), (g2, mean), (g1, g1)]
+    return cases
+
+
+def section_cosine(args: argparse.Namespace) -> dict[str, Any]:
+    cases = cosine_cases(args.cos_seeds)
     out: dict[str, Any] = {}
     for kind, items in cases.items():
         errs: dict[str, list[float]] = {"int8": [], "bf16": []}

@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import copy
 import io
-import os
-import sys
 from pathlib import Path
 
 import torch
@@ -30,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_o
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from train_worker import micro_batch, tiny_mlp
+from train_worker import leave, micro_batch, tiny_mlp
 
 from sgg_optim import GuidedAdamW, capture_reference
 from sgg_optim.accelerate import GuidanceCheckpoint
@@ -131,6 +129,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # see train_worker.py: no interpreter finalisation with gloo threads alive
+    leave()

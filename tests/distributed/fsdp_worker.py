@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from train_worker import GradientWatch, micro_batch, tiny_mlp
+from train_worker import GradientWatch, leave, micro_batch, tiny_mlp
 
 from sgg_optim import Reference, capture_reference
 from sgg_optim.accelerate import GuidancePlugin
@@ -127,10 +125,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    # Results are on disk: leave without interpreter finalisation. The DDP/FSDP modules
-    # still hold the gloo process group, whose worker threads can abort the process
-    # (SIGABRT, "terminate called without an active exception") when finalisation frees
-    # the tensors they hold (seen once in a loaded CI-like run).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave()
