@@ -79,7 +79,7 @@ class GuidedOptimizer(Optimizer):
             setattr(self, f"_optimizer_{name}_hooks", OrderedDict())
         self._patch_step_function()
         self._ref_names: dict[Tensor, str] = {}  # names learnt from bound references, for messages
-        self._check_params([p for _, p in self._flat_params()])
+        self._check_params([(self._describe(i), p) for i, (_, p) in enumerate(self._flat_params())])
         self._guidance = GuidanceState()
         self._step = _StepCache()
         self.set_reference(reference)
@@ -122,7 +122,10 @@ class GuidedOptimizer(Optimizer):
         params = param_group["params"]
         params = [params] if isinstance(params, Tensor) else list(params)
         param_group = {**param_group, "params": params}
-        self._check_params([p[1] if isinstance(p, tuple) else p for p in params])
+        group = len(self.param_groups)
+        self._check_params([(f"'{p[0]}' (shape {tuple(p[1].shape)})" if isinstance(p, tuple)
+                             else f"param_groups[{group}] parameter #{j} (shape {tuple(p.shape)})",
+                             p[1] if isinstance(p, tuple) else p) for j, p in enumerate(params)])
         self.base_optimizer.add_param_group(param_group)
         self._guidance.grow(self._num_blocks())
 
@@ -155,11 +158,13 @@ class GuidedOptimizer(Optimizer):
         where = f"'{names[p]}'" if p in names else f"param_groups[{gi}] parameter #{index}"
         return f"{where} (shape {tuple(p.shape)})"
 
-    def _check_params(self, params: Sequence[Tensor]) -> None:
-        for p in params:
+    @staticmethod
+    def _check_params(params: Sequence[tuple[str, Tensor]]) -> None:
+        """Raise ``ValueError`` for a parameter guidance cannot handle, by its description."""
+        for description, p in params:
             if isinstance(p, Tensor) and p.is_complex():
-                raise ValueError(f"a parameter of shape {tuple(p.shape)} is complex; guidance supports real "
-                                 "parameters only (view it as real with torch.view_as_real, or leave it out)")
+                raise ValueError(f"parameter {description} is complex; guidance supports real parameters only "
+                                 "(view it as real with torch.view_as_real, or leave it out)")
 
     def _guided(self) -> list[tuple[int, int, Tensor]]:
         """(flat index, block, param) of parameters that have a gradient this step."""
