@@ -1,11 +1,14 @@
-"""``sgg-optim demo`` and ``sgg-optim bench``: few-shot fine-tuning of a real model on real data.
+"""``sgg-optim demo|compare|capture|bench|fetch``: few-shot fine-tuning of a real model on real data.
 
 ``demo`` is the short tour: one task, MiniLM, AdamW against guided AdamW (cone), three
 seeds, K=16, a table and a plot. ``bench`` runs a grid of tasks x shots x seeds x
 strategies x learning rates (protocol v2: one row per run), appends every finished run
 to a JSONL file so a rerun skips what is done, and reports each row per lr, at the lr
 chosen on validation, and over the sweep, each against AdamW with paired bootstrap
-intervals (:func:`.results.protocol_report`).
+intervals (:func:`.results.protocol_report`). ``compare`` runs the same machinery on the
+user's own data and model (:mod:`.data`, :mod:`.compare`); ``capture`` writes a reference
+file from them. Heavy modules (transformers, datasets, matplotlib) are imported inside the
+subcommands.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 from . import assets
 from .results import METRIC_COLUMNS, ResultsFile, aggregate, cell_key, markdown_table, protocol_report
@@ -146,17 +149,35 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="step", leave=False, dynamic_ncols=True, file=sys.stdout)
 
 
-def model_factory(name: str) -> Any:
-    """The model factory called ``name`` (one of ``MODELS``), its files fetched if needed."""
+def model_factory(name: str, label_words: Optional[Sequence[str]] = None, kind: str = "auto") -> Any:
+    """The one model registry: ``task -> (fresh model, tokenizer)`` for ``name``.
+
+    ``minilm`` and ``smollm2`` are the bundled assets (fetched if needed); anything else
+    is a local Hugging Face model folder: an encoder (``AutoModelForSequenceClassification``,
+    fresh head of the task's size) or a causal LM scored by label words (``label_words``
+    in class order, default the task's label names), told apart by its config's
+    architecture unless ``kind`` is ``encoder`` or ``causal``. Nothing is fetched from a hub.
+    """
+    from .models import causal_lm_factory, encoder_factory, model_kind
+
     if name == "minilm":
+        if label_words:
+            raise ValueError("--label-words is for causal LMs scored by label words, not the minilm encoder")
         from .training import minilm_factory
 
         return minilm_factory(assets.fetch(assets.MINILM, quiet=False))
     if name == "smollm2":
-        from .models import smollm2_factory
-
-        return smollm2_factory(assets.materialize("smollm2", quiet=False))
-    raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
+        return causal_lm_factory(assets.materialize("smollm2", quiet=False), label_words)
+    folder = Path(name)
+    if not folder.is_dir():
+        raise ValueError(f"unknown model {name!r}: neither one of {', '.join(MODELS)} nor a local model folder")
+    kind = model_kind(folder) if kind == "auto" else kind
+    if kind == "causal":
+        return causal_lm_factory(folder, label_words)
+    if label_words:
+        raise ValueError(f"--label-words is for causal LMs; {folder} is an encoder (use --model-kind causal "
+                         "if it is a causal LM)")
+    return encoder_factory(folder)
 
 
 def grid_order(tasks: Sequence[str], strategies: Sequence[str], shots: Sequence[int], seeds: Sequence[int],
@@ -177,7 +198,8 @@ def run_grid(tasks: Sequence[str], strategies: Sequence[str], shots: Sequence[in
              steps: int, store: ResultsFile, lrs: Sequence[float] | None = None,
              explain: bool = False, factory: Any = None, model: str = MODEL_NAME,
              sources: Sequence[str] = (), retention: Sequence[str] = (),
-             retention_n: int = 100, retention_k: int = 4, run: bool = True) -> list[dict[str, Any]]:
+             retention_n: int = 100, retention_k: int = 4, run: bool = True,
+             source: Any = None) -> list[dict[str, Any]]:
     """Run every missing run of the grid into ``store`` (one row per task, strategy, K, seed
     and lr: protocol v2); the rows of this grid.
 
@@ -187,14 +209,30 @@ def run_grid(tasks: Sequence[str], strategies: Sequence[str], shots: Sequence[in
     ``*-sources`` rows; ``retention`` the tasks on which each tuned causal LM's in-context
     accuracy is measured (empty: not measured). ``run=False`` runs nothing and returns the
     rows already in ``store``. Runs go in :func:`grid_order`.
+
+    ``tasks`` are built-in task names or :class:`~.tasks.Task` objects (a user's data,
+    :mod:`.data`), keyed in ``store`` by their ``name``; ``source`` is the task of the
+    ``*-source`` / ``*-icl`` rows (a Task or a name; default ``SOURCE_TASK``).
     """
     import torch
 
     from .protocol import SOURCE_TASK, run_lrs, source_compatible
     from .strategies import get_strategy
-    from .tasks import load_task
-
+    from .tasks import Task, load_task
     from .training import RunConfig
+
+    by_name: dict[str, Task] = {}
+
+    def get(t: Any) -> Task:
+        if isinstance(t, Task):
+            return t
+        return by_name[t] if t in by_name else load_task(t)
+
+    for t in tasks:
+        if isinstance(t, Task):
+            by_name[t.name] = t
+    tasks = [t.name if isinstance(t, Task) else t for t in tasks]
+    src_task = (lambda: get(source)) if source is not None else (lambda: load_task(SOURCE_TASK))
 
     cfg = RunConfig(steps=steps)
     strats = {s: get_strategy(s) for s in strategies}
@@ -205,7 +243,7 @@ def run_grid(tasks: Sequence[str], strategies: Sequence[str], shots: Sequence[in
     for t in tasks:
         for s, st in strats.items():
             if st.reference == "source":
-                why = source_compatible(st, load_task(t), load_task(SOURCE_TASK))
+                why = source_compatible(st, get(t), src_task())
                 if why:
                     _say(why)
                     skipped.add((t, s))
@@ -226,8 +264,8 @@ def run_grid(tasks: Sequence[str], strategies: Sequence[str], shots: Sequence[in
         cells.setdefault((t, s, k, seed), []).append(lr)
     done = 0
     for i, ((tname, sname, k, seed), cell_lrs) in enumerate(cells.items()):
-        task, strategy = load_task(tname), strats[sname]
-        source = load_task(SOURCE_TASK) if strategy.reference in ("source", "icl") else None
+        task, strategy = get(tname), strats[sname]
+        src = src_task() if strategy.reference in ("source", "icl") else None
         multi = [load_task(s) for s in sources if s != tname] if strategy.reference == "sources" else []
         if explain:
             span = f"{done + 1}" if len(cell_lrs) == 1 else f"{done + 1}-{done + len(cell_lrs)}"
@@ -235,7 +273,7 @@ def run_grid(tasks: Sequence[str], strategies: Sequence[str], shots: Sequence[in
                  f"{strategy.description}; lr {', '.join(f'{x:g}' for x in cell_lrs)}")
         bar = _progress(steps * len(cell_lrs), f"{sname} seed {seed}")
         torch.manual_seed(seed)
-        for row in run_lrs(task, strategy, k, seed, factory, cfg, cell_lrs, source=source, sources=multi,
+        for row in run_lrs(task, strategy, k, seed, factory, cfg, cell_lrs, source=src, sources=multi,
                            retention=[load_task(r) for r in retention], retention_n=retention_n,
                            retention_k=retention_k, on_step=lambda _: bar.update()):
             row["model"] = model
@@ -255,8 +293,24 @@ def run_grid(tasks: Sequence[str], strategies: Sequence[str], shots: Sequence[in
     return [by_key[key] for key in keys if key in by_key]  # grouped as asked: task, K, strategy, lr
 
 
+EXTRA_OF = {"matplotlib": "demo", "tqdm": "demo", "peft": "demo", "datasets": "demo"}
+
+
+def require(modules: Sequence[str], command: str) -> None:
+    """Exit with one message naming the extra to install if any of ``modules`` is missing,
+    before anything downloads or trains (a missing plotting library must not cost the run)."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        extras = sorted({EXTRA_OF.get(m, "demo") for m in missing})
+        raise SystemExit(f"sgg-optim {command}: missing {', '.join(missing)}; install the extra first: "
+                         + " ".join(f"pip install 'sgg-optim[{e}]'" for e in extras))
+
+
 def demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
+    require(("matplotlib", "tqdm", "peft"), "demo")
     _quiet_libraries()
     import torch
 
@@ -267,6 +321,9 @@ def demo(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads or torch.get_num_threads())
     keep_freed_memory()
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"sgg-optim demo: --out {out} is a file; give a folder")
+    out.mkdir(parents=True, exist_ok=True)
     _say("sgg-optim demo: few-shot fine-tuning of a real pretrained model on real labelled data.\n"
          "Model: all-MiniLM-L6-v2 (22.7M parameters), fully fine-tuned with a fresh classification head.\n"
          f"Task: {args.task}, K={args.shots} examples per class sampled by seed, evaluated on a fixed "
@@ -285,7 +342,7 @@ def demo(args: argparse.Namespace) -> int:
     task = load_task(args.task)
     _say(f"\n{task.description}: {len(task.train_texts)} train-pool texts, {len(task.eval_texts)} eval texts, "
          f"labels {', '.join(task.label_names)}.")
-    store = ResultsFile(out.with_suffix(".jsonl"))
+    store = ResultsFile(out / "results.jsonl")
     if args.fresh and store.path.exists():
         store.path.unlink()
         store = ResultsFile(store.path)
@@ -293,15 +350,18 @@ def demo(args: argparse.Namespace) -> int:
                     store, lrs=[args.lr], explain=True)
     _say("\nResults, mean ± std over seeds (accuracy and macro-F1 in %, on the held-out eval split):\n")
     cols = ("accuracy", "macro_f1", "grad_cv", "grad_spike", "applied_cv", "update_cos", "ref_cos")
-    _say(results_table(rows, cols))
+    table = results_table(rows, cols)
+    _say(table)
+    (out / "results.md").write_text(f"sgg-optim demo: {args.task}, K={args.shots}, lr {args.lr:g}, "
+                                    f"{args.seeds} seeds, {args.steps} steps\n\n{table}\n")
     _say("\n|g| CV / spike: coefficient of variation and max/median of the gradient norm over steps "
          "(before clipping or guidance);\napplied CV: the same for the norm of the gradient the optimizer "
          "actually used; cos(Δt,Δt-1): mean cosine between consecutive parameter updates;\n"
          "cos(g,ref): mean cosine of the raw gradient with the guidance reference (guided rows only).")
-    png = comparison_plot(rows, out.with_suffix(".png"),
+    png = comparison_plot(rows, out / "demo.png",
                           title=f"{args.task}, K={args.shots}, MiniLM, {args.seeds} seeds, {args.steps} steps")
-    _say(f"\nPlot: {png}\nRaw results: {store.path}\nDone in {time.perf_counter() - t0:.0f} s. "
-         f"For the full grid: sgg-optim bench --help")
+    _say(f"\nPlot: {png}\nTable: {out / 'results.md'}\nRaw results: {store.path}\nDone in {time.perf_counter() - t0:.0f} s. "
+         f"Your own data and model: sgg-optim compare --help; the full grid: sgg-optim bench --help")
     return 0
 
 
@@ -346,6 +406,124 @@ def fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lrs(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"sgg-optim: --lrs takes comma-separated numbers, got {text!r}") from None
+
+
+def _data_args(p: argparse.ArgumentParser, label_required: bool = True) -> None:
+    from .data import FILE_TYPES
+
+    p.add_argument("--data", required=True, help="a built-in task name, a file "
+                   f"({', '.join(FILE_TYPES)}) or a folder written by datasets' save_to_disk; local files only")
+    p.add_argument("--text-column", default="text", help="the column holding the text (default: text)")
+    p.add_argument("--text-pair-column", default=None,
+                   help="optional second text column: each example is a pair (premise, hypothesis), "
+                        "encoded as a tokenizer pair")
+    p.add_argument("--label-column", default="label", required=False,
+                   help="the label column, strings or integers; classes are the sorted label names "
+                        "(default: label)")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=MODEL_NAME, help="minilm or smollm2 (bundled, fetched once), or the path of "
+                   "a local Hugging Face model folder: an encoder (fresh classification head) or a causal LM "
+                   "(scored by label words)")
+    p.add_argument("--model-kind", default="auto", choices=("auto", "encoder", "causal"),
+                   help="how to load a model folder (auto: from its config's architecture)")
+    p.add_argument("--label-words", default="", help="causal LMs: comma-separated words scored for each class, "
+                   "in the classes' sorted order (default: the label names)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+
+
+def compare_cmd(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    require(("matplotlib", "tqdm", "datasets"), "compare")
+    _quiet_libraries()
+    import shlex
+
+    import torch
+
+    from .compare import compare, check_strategies
+    from .data import load_data
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    keep_freed_memory()
+    cols = dict(text_column=args.text_column, label_column=args.label_column,
+                text_pair_column=args.text_pair_column)
+    try:
+        task = load_data(args.data, test_data=args.test_data, test_size=args.test_size, shots=args.shots, **cols)
+        source = load_data(args.source, **cols) if args.source else None
+        strategies = [s for s in args.strategies.split(",") if s]
+        check_strategies(strategies, source)
+        lrs = _lrs(args.lrs)
+        words = [w.strip() for w in args.label_words.split(",") if w.strip()] or None
+        factory = model_factory(args.model, label_words=words, kind=args.model_kind)
+    except ValueError as e:
+        raise SystemExit(f"sgg-optim compare: {e}") from None
+    command = "sgg-optim " + " ".join(shlex.quote(a) for a in (args.argv or sys.argv[1:]))
+    compare(task, factory, strategies, shots=args.shots, seeds=args.seeds, steps=args.steps, lrs=lrs,
+            out=args.out, model_name=args.model, source=source, command=command, baseline=args.baseline)
+    _say(f"done in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def capture_cmd(args: argparse.Namespace) -> int:
+    require(("tqdm", "datasets"), "capture")
+    _quiet_libraries()
+    import torch
+    from tqdm.auto import tqdm
+
+    from ..reference import capture_reference
+    from .data import load_data
+    from .training import RunConfig, balanced_batches
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    try:
+        task = load_data(args.data, text_column=args.text_column, label_column=args.label_column,
+                         text_pair_column=args.text_pair_column, test_size=0.2)
+        words = [w.strip() for w in args.label_words.split(",") if w.strip()] or None
+        factory = model_factory(args.model, label_words=words, kind=args.model_kind)
+    except ValueError as e:
+        raise SystemExit(f"sgg-optim capture: {e}") from None
+    # every labelled example is source data here: the training pool and the held-out part
+    texts, labels = task.train_texts + task.eval_texts, task.train_labels + task.eval_labels
+    torch.manual_seed(args.seed)
+    model, tok = factory(task)
+    cfg = RunConfig(batch_size=args.batch_size, max_length=args.max_length)
+    was_training = model.training
+    model.eval()  # dropout off while capturing
+    bar = tqdm(total=args.batches, desc="capturing", unit="batch", file=sys.stdout, dynamic_ncols=True)
+
+    def counted():  # the bar moves once a batch's gradient is in (after the yield returns)
+        for batch in balanced_batches(tok, texts, labels, cfg, args.batches, seed=args.seed):
+            yield batch
+            bar.update()
+
+    ref = capture_reference(model, counted())
+    bar.close()
+    model.train(was_training)
+    from ..methods.incontext import VerbalizerLM
+
+    if isinstance(model, VerbalizerLM):
+        # named as the plain causal LM (AutoModelForCausalLM) the user trains, not as the wrapper
+        from ..reference import Reference
+
+        ref = Reference({name.removeprefix("lm."): ref[name] for name in ref.names})
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ref.save(out)
+    n = sum(ref[name].numel() for name in ref.names)
+    _say(f"reference: {out} ({len(task.label_names)} classes: {', '.join(task.label_names)}; {args.batches} "
+         f"class-balanced batches of {cfg.batch_size // task.num_labels} per class"
+         + (f"; {n:,} values" if n else "") + ")\n"
+         f"use it: SGG_REFERENCE={out} accelerate launch train.py  (with sgg_optim.accelerate.GuidancePlugin), "
+         f"or GuidedAdamW(..., reference=Reference.load('{out}', model))")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .strategies import STRATEGIES
     from .tasks import TASKS
@@ -353,24 +531,58 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sgg-optim", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="AdamW vs guided AdamW on one few-shot task, 3 seeds (a few minutes)")
-    d.add_argument("--task", default=DEMO_TASK, choices=list(TASKS))
+    d.add_argument("--task", default=DEMO_TASK, choices=list(TASKS), help="the built-in task to fine-tune on")
     d.add_argument("--shots", type=int, default=16, help="K examples per class")
-    d.add_argument("--seeds", type=int, default=3)
-    d.add_argument("--steps", type=int, default=30)
+    d.add_argument("--seeds", type=int, default=3, help="how many seeds (each draws its own K shots)")
+    d.add_argument("--steps", type=int, default=30, help="optimizer steps per run (batch 16)")
     d.add_argument("--lr", type=float, default=DEMO_LR, help="one learning rate for both (no search in the demo)")
-    d.add_argument("--out", default="sgg_demo", help="path prefix: writes PREFIX.png and PREFIX.jsonl")
+    d.add_argument("--out", default="sgg_demo", help="output folder: results.jsonl, results.md, demo.png "
+                   "(default: sgg_demo/)")
     d.add_argument("--fresh", action="store_true", help="ignore results of an earlier demo run")
-    d.add_argument("--threads", type=int, default=0)
+    d.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     d.set_defaults(func=demo)
-    b = sub.add_parser("bench", help="the few-shot grid, resumable")
+    c = sub.add_parser("compare", help="AdamW, clipping and guided rows on your own data and model: "
+                       "table, plot, results and a report with the setting chosen on validation")
+    _data_args(c)
+    c.add_argument("--test-data", default=None, help="your own test split (same columns); default: a stratified "
+                   "held-out part of --data carved with a fixed seed (see --test-size)")
+    c.add_argument("--test-size", type=float, default=0.2, help="without --test-data: the held-out test part, "
+                   "a fraction (< 1) or a count (default 0.2)")
+    _model_args(c)
+    c.add_argument("--shots", type=int, default=8, help="K training examples per class (each class also "
+                   "needs K more for validation)")
+    c.add_argument("--seeds", type=int, default=3, help="how many seeds (each draws its own shots and head)")
+    c.add_argument("--steps", type=int, default=30, help="optimizer steps per run (batch 16)")
+    c.add_argument("--lrs", default="5e-5,2e-4", help="comma-separated learning rates; every strategy runs at "
+                   "each, the report picks on validation (default 5e-5,2e-4)")
+    c.add_argument("--strategies", default="adamw,adamw-clip,adaptive,cone-kshot",
+                   help=f"comma-separated rows, '+' composes; from {', '.join(STRATEGIES)}. *-kshot rows need "
+                        "no source; *-source rows need --source")
+    c.add_argument("--source", default="", help="source task of *-source rows: a built-in task or a file with "
+                   "the same columns and label count")
+    c.add_argument("--baseline", default="adamw", help="the row every paired difference is taken against")
+    c.add_argument("--out", default="sgg_compare", help="output folder: results.jsonl (resumable), report.md, "
+                   "compare.png (default: sgg_compare/)")
+    c.set_defaults(func=compare_cmd)
+    cap = sub.add_parser("capture", help="capture a reference gradient from your data and model into a file "
+                         "(for GuidedAdamW, the Trainer callback or SGG_REFERENCE with Accelerate)")
+    _data_args(cap)
+    _model_args(cap)
+    cap.add_argument("--out", required=True, help="the reference file to write (.safetensors)")
+    cap.add_argument("--batches", type=int, default=8, help="class-balanced batches averaged (default 8)")
+    cap.add_argument("--batch-size", type=int, default=16, help="examples per batch, split evenly over classes")
+    cap.add_argument("--max-length", type=int, default=64, help="tokens per text (longer texts are cut)")
+    cap.add_argument("--seed", type=int, default=0, help="seed of the fresh head and the batch draw")
+    cap.set_defaults(func=capture_cmd)
+    b = sub.add_parser("bench", help="the few-shot grid on the built-in tasks, resumable")
     b.add_argument("--tasks", default="vader-tweets,vader-amazon,vader-nyt,rt-polarity,rt-subjectivity,bbc-topic",
                    help=f"comma-separated, from {', '.join(TASKS)}")
     b.add_argument("--strategies", default="adamw,adamw-clip,project-ema,cone-ema,cone-source,blend-ema",
                    help=f"comma-separated, '+' composes; from {', '.join(STRATEGIES)}")
-    b.add_argument("--shots", default="8,16,32")
+    b.add_argument("--shots", default="8,16,32", help="comma-separated K (training examples per class)")
     b.add_argument("--seeds", type=int, default=5, help="how many seeds")
     b.add_argument("--first-seed", type=int, default=0, help="seeds run from here (split a grid across processes)")
-    b.add_argument("--steps", type=int, default=30)
+    b.add_argument("--steps", type=int, default=30, help="optimizer steps per run (batch 16)")
     b.add_argument("--lrs", default="", help="override every strategy's lr grid (comma-separated); each lr is "
                    "its own run (protocol v2), the lr is chosen on validation in the report")
     b.add_argument("--model", default=MODEL_NAME, choices=MODELS,
@@ -380,11 +592,12 @@ def build_parser() -> argparse.ArgumentParser:
                    f"(e.g. {RETENTION})")
     b.add_argument("--retention-n", type=int, default=100, help="eval texts per retention task")
     b.add_argument("--retention-k", type=int, default=4, help="demonstrations per retention prompt")
-    b.add_argument("--results", default="benchmarks/results/fewshot_bench.jsonl")
+    b.add_argument("--results", default="benchmarks/results/fewshot_bench.jsonl",
+                   help="the JSONL file every finished run is appended to; a rerun skips the runs in it")
     b.add_argument("--plot", default="", help="also write a PNG of the grid's rows")
     b.add_argument("--report", action="store_true", help="run nothing: the tables of the runs already done")
     b.add_argument("--baseline", default="adamw", help="the row every paired difference is taken against")
-    b.add_argument("--threads", type=int, default=0)
+    b.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     b.set_defaults(func=bench)
     f = sub.add_parser("fetch", help="download and cache the models and data (then work offline)")
     f.add_argument("assets", nargs="*", metavar="ASSET", help=f"any of {', '.join(assets.ASSETS)} (default: all)")
@@ -397,6 +610,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # kernel package at import; it says nothing about this command's work.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else None
     try:
         return args.func(args)
     except assets.AssetError as e:

@@ -8,7 +8,9 @@ SmolLM2-135M-Instruct classifies by label-word log-likelihood
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
+
+from torch import nn
 
 
 from ..methods.incontext import PromptTokenizer, VerbalizerLM
@@ -16,11 +18,24 @@ from .training import ModelFactory
 
 
 
-def smollm2_factory(folder: Optional[Path] = None) -> ModelFactory:
-    """A factory building SmolLM2 (fp32, fresh weights each call) as a verbalizer classifier for a task.
+class PairPromptTokenizer(PromptTokenizer):
+    """A :class:`PromptTokenizer` that also takes ``(a, b)`` text pairs, joined by a newline
+    into one text before the prompt is formatted (a causal LM reads the pair as one text)."""
 
-    ``folder`` is a plain Hugging Face model folder; by default the cached asset
-    (:func:`sgg_optim.fewshot.assets.smollm2_folder`).
+    takes_pair_tuples = True
+
+    def __call__(self, texts: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        texts = [texts] if isinstance(texts, (str, tuple)) else list(texts)
+        texts = ["\n".join(t) if isinstance(t, tuple) else t for t in texts]
+        return super().__call__(texts, *args, **kwargs)
+
+
+def causal_lm_factory(folder: Optional[Path] = None, label_words: Optional[Sequence[str]] = None) -> ModelFactory:
+    """A factory building a causal LM (fp32, fresh weights each call) as a verbalizer classifier.
+
+    ``folder`` is a plain Hugging Face model folder (default: the cached SmolLM2 asset).
+    Each class is scored by its label word: ``label_words`` in class order (the task's
+    sorted label names, :mod:`.data`) or, by default, the task's ``label_names``.
     """
     def build(task: Any) -> tuple[VerbalizerLM, PromptTokenizer]:
         import torch
@@ -29,14 +44,69 @@ def smollm2_factory(folder: Optional[Path] = None) -> ModelFactory:
         label_names = getattr(task, "label_names", None)
         if not label_names:
             raise ValueError(f"task must be a Task with label_names (the label words), got {task!r}")
+        words = tuple(label_words) if label_words else tuple(label_names)
+        if len(words) != len(label_names):
+            raise ValueError(f"{len(words)} label words {list(words)} for {len(label_names)} labels "
+                             f"{list(label_names)} (give one per label, in the labels' sorted order)")
         src = folder
         if src is None:
             from .assets import smollm2_folder  # written alongside; imported late so this module loads without it
 
             src = smollm2_folder()
         lm = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
-        tok = PromptTokenizer(AutoTokenizer.from_pretrained(str(src)), label_names)
+        tok = PairPromptTokenizer(AutoTokenizer.from_pretrained(str(src)), words)
         return VerbalizerLM(lm, tok.label_token_ids), tok
 
     return build
 
+
+def smollm2_factory(folder: Optional[Path] = None) -> ModelFactory:
+    """A factory building SmolLM2 (fp32, fresh weights each call) as a verbalizer classifier for a task.
+
+    ``folder`` is a plain Hugging Face model folder; by default the cached asset
+    (:func:`sgg_optim.fewshot.assets.smollm2_folder`).
+    """
+    return causal_lm_factory(folder)
+
+
+def encoder_factory(folder: Path) -> ModelFactory:
+    """Any encoder folder that ``AutoModelForSequenceClassification`` loads, with a fresh
+    classification head of the task's size each call.
+
+    A folder that already holds a classification head (of any size) gets it
+    re-initialised: every weight outside the base model (``base_model_prefix``) is drawn
+    fresh, as for a folder without one. A tokenizer without a pad token pads with eos.
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+
+    def build(task: Any) -> tuple[nn.Module, Any]:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(folder), num_labels=task.num_labels, ignore_mismatched_sizes=True)
+        if model.config.pad_token_id is None and tok.pad_token_id is not None:
+            model.config.pad_token_id = tok.pad_token_id
+        prefix = getattr(model, "base_model_prefix", "")
+        for name, module in model.named_modules():
+            if name and prefix and not name.startswith(prefix) and not list(module.children()) \
+                    and any(True for _ in module.parameters(recurse=False)):
+                if hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+                model._init_weights(module)
+        return model, tok
+
+    return build
+
+
+def model_kind(folder: Path) -> str:
+    """``"causal"`` for a folder whose config names a causal-LM architecture
+    (``*ForCausalLM`` / ``*LMHeadModel``), else ``"encoder"``."""
+    import json
+
+    cfg = Path(folder) / "config.json"
+    if not cfg.is_file():
+        raise ValueError(f"{folder}: not a Hugging Face model folder (no config.json)")
+    archs = json.loads(cfg.read_text()).get("architectures") or []
+    return "causal" if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) else "encoder"

@@ -17,8 +17,14 @@ def _mean_curve(traces: Sequence[Sequence[float]]) -> list[float]:
     return out
 
 
-def comparison_plot(rows: Sequence[dict[str, Any]], path: Path, title: str = "") -> Path:
-    """Write a 3-panel PNG from result rows (one per strategy and seed, with ``trace``)."""
+def comparison_plot(rows: Sequence[dict[str, Any]], path: Path, title: str = "",
+                    chance: float | None = None) -> Path:
+    """Write a 3-panel PNG from result rows (one per strategy and seed, with ``trace``).
+
+    The accuracy axis starts at 0, so bar heights compare as ratios; ``chance`` (default
+    the rows' ``eval_majority``, the accuracy of always predicting the majority class) is
+    drawn as a dashed line. The update-cosine panel says what a higher value means.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -35,8 +41,13 @@ def comparison_plot(rows: Sequence[dict[str, Any]], path: Path, title: str = "")
     for i, a in enumerate(acc):
         axes[0].scatter([i] * len(a), a, color="k", s=12, zorder=3)
     axes[0].set_ylabel("eval accuracy (bars: mean, dots: seeds)")
-    lo = min(min(a) for a in acc)
-    axes[0].set_ylim(max(0.0, lo - 0.1), min(1.0, max(max(a) for a in acc) + 0.05))
+    axes[0].set_ylim(0.0, 1.0)
+    if chance is None:
+        majority = [r["eval_majority"] for r in rows if r.get("eval_majority") is not None]
+        chance = max(majority) if majority else None
+    if chance is not None:
+        axes[0].axhline(chance, color="0.4", ls="--", lw=1)
+        axes[0].text(-0.4, chance + 0.01, f"majority class {100 * chance:.0f}%", fontsize=8, color="0.3")
     for i, n in enumerate(names):
         for key, ax, label in (("grad_norm", axes[1], "gradient norm (before clipping/guidance)"),
                                ("update_cos", axes[2], "cos(update_t, update_t-1)")):
@@ -45,6 +56,8 @@ def comparison_plot(rows: Sequence[dict[str, Any]], path: Path, title: str = "")
             ax.plot(_mean_curve([r["trace"][key] for r in by[n]]), color=f"C{i}", lw=2, label=n)
             ax.set_xlabel("step")
             ax.set_ylabel(label)
+    axes[2].set_title("higher: consecutive updates agree (a steadier path);\nnear 0 or negative: updates zig-zag",
+                      fontsize=8, color="0.3")
     axes[1].set_yscale("log")
     axes[1].legend()
     if title:

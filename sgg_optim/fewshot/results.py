@@ -430,3 +430,33 @@ def protocol_report(rows: Iterable[Mapping[str, Any]], baseline: str = "adamw",
                  "majority class. applied CV / spike: coefficient of variation and max/median of the norm of "
                  "the gradient the optimizer used; cos(Δt,Δt-1): consecutive-update cosine.")
     return "\n".join(parts)
+
+
+def pick_setting(rows: Iterable[Mapping[str, Any]]) -> Optional[dict[str, Any]]:
+    """The (strategy, lr) a user would pick: the highest mean validation accuracy over the
+    seeds it ran (ties: the first strategy in ``rows``, then the smaller lr). The eval /
+    test split is not looked at; its figure is returned beside, for reading only.
+
+    >>> rows = [{"strategy": s, "lr": lr, "seed": 0, "val_acc": v, "accuracy": a}
+    ...         for s, lr, v, a in (("a", 1e-4, 0.5, 0.9), ("b", 1e-4, 0.75, 0.6), ("b", 2e-4, 0.75, 0.7))]
+    >>> p = pick_setting(rows); (p["strategy"], p["lr"], p["val_acc"], p["accuracy"])
+    ('b', 0.0001, 0.75, 0.6)
+    """
+    groups: dict[tuple[str, float], list[Mapping[str, Any]]] = defaultdict(list)
+    for r in rows:
+        groups[(r["strategy"], float(r.get("lr", 0.0)))].append(r)
+    if not groups:
+        return None
+    order = {s: i for i, s in enumerate(dict.fromkeys(s for s, _ in groups))}
+
+    def score(key: tuple[str, float]) -> tuple:
+        v = metrics.nanmean([val_accuracy(r) for r in groups[key]])
+        return (-_finite_or(v, -1.0), order[key[0]], key[1])
+
+    best = min(groups, key=score)
+    rs = groups[best]
+    return {"strategy": best[0], "lr": best[1], "seeds": len(rs),
+            "val_acc": metrics.nanmean([val_accuracy(r) for r in rs]),
+            "accuracy": metrics.nanmean([_num(r.get("accuracy")) for r in rs]),
+            "macro_f1": metrics.nanmean([_num(r.get("macro_f1")) for r in rs]),
+            "failed": _failed_rate(rs)}

@@ -68,8 +68,15 @@ class RunConfig:
     eval_batch_size: int = 64
 
 
-def encode(tokenizer: Any, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
-    return tokenizer(list(texts), truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+def encode(tokenizer: Any, texts: Sequence[Any], max_length: int) -> dict[str, torch.Tensor]:
+    """``texts`` tokenised and padded. Texts that are ``(a, b)`` pairs (a task with a text-pair
+    column, :mod:`.data`) go in as ``tokenizer(a_list, b_list, ...)``, the tokenizer's pair
+    encoding, unless the tokenizer sets ``takes_pair_tuples`` (it formats pairs itself)."""
+    texts = list(texts)
+    if texts and isinstance(texts[0], tuple) and not getattr(tokenizer, "takes_pair_tuples", False):
+        return tokenizer([a for a, _ in texts], [b for _, b in texts], truncation=True, max_length=max_length,
+                         padding=True, return_tensors="pt")
+    return tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
 
 
 class Encoded:
@@ -191,11 +198,13 @@ def source_reference(model: nn.Module, tokenizer: Any, texts: Sequence[str], lab
                      cfg: RunConfig, num_batches: int = 8) -> Reference:
     """Mean source-task gradient at ``model``'s current point over class-balanced batches
     (dropout off while capturing)."""
+    was_training = model.training
     model.eval()
-    src = balanced_batches(tokenizer, texts, labels, cfg, num_batches)
-    ref = capture_reference(model, src, num_batches=num_batches)
-    model.train()
-    return ref
+    try:
+        src = balanced_batches(tokenizer, texts, labels, cfg, num_batches)
+        return capture_reference(model, src, num_batches=num_batches)
+    finally:
+        model.train(was_training)
 
 
 class UpdateCosine:

@@ -1,0 +1,177 @@
+"""``compare``: does guidance help on *your* task, with *your* model, and at which setting?
+
+The Python API behind ``sgg-optim compare`` (the CLI only parses arguments into it)::
+
+    from sgg_optim.fewshot.compare import compare
+    from sgg_optim.fewshot.data import load_data
+
+    task = load_data("reviews.csv", text_column="review", label_column="stars", shots=8)
+    res = compare(task, "minilm", ["adamw", "cone-kshot"], shots=8, seeds=3, steps=30,
+                  lrs=[5e-5, 2e-4], out="my_compare")
+    print(res.report)          # also in my_compare/report.md
+    res.pick                   # the setting chosen on the validation split
+
+Every (strategy, seed, lr) is one run on the same K shots per seed (the protocol of
+:mod:`.protocol`); the runs go to ``out/results.jsonl`` (the :class:`.results.ResultsFile`
+format, so a rerun skips what is done), the report with the tables and the pick to
+``out/report.md`` and a plot to ``out/compare.png``. The pick is the (strategy, lr) with
+the highest mean validation accuracy (K per class from the training pool, disjoint from
+the shots); the test split is reported, never used to choose.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from .results import ResultsFile, choose_lr, markdown_table, pick_setting, protocol_report
+from .tasks import Task
+
+DEFAULT_STRATEGIES = ("adamw", "adamw-clip", "adaptive", "cone-kshot")
+DEFAULT_LRS = (5e-5, 2e-4)
+
+
+@dataclass
+class Results:
+    """What :func:`compare` ran and wrote: its rows, the Markdown report, the pick and the files."""
+
+    rows: list[dict[str, Any]]
+    report: str
+    pick: Optional[dict[str, Any]]
+    out: Path
+    files: dict[str, Path] = field(default_factory=dict)
+
+    def table(self) -> str:
+        """Mean test and validation accuracy per (strategy, lr) over seeds, in Markdown."""
+        return summary_table(self.rows)
+
+
+def summary_table(rows: Sequence[dict[str, Any]]) -> str:
+    from .metrics import mean_std
+
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["strategy"], float(r.get("lr", 0.0))), []).append(r)
+    lines = []
+    for (s, lr), rs in groups.items():
+        figs = []
+        for m in ("val_acc", "accuracy", "macro_f1"):
+            mu, sd = mean_std([float("nan") if r.get(m) is None else float(r[m]) for r in rs])
+            figs.append(f"{100 * mu:.1f} ± {100 * sd:.1f}" if math.isfinite(mu) else "—")
+        cv = mean_std([float("nan") if r.get("grad_cv") is None else float(r["grad_cv"]) for r in rs])[0]
+        lines.append([s, f"{lr:g}", str(len(rs))] + figs + [f"{cv:.2f}" if math.isfinite(cv) else "—"])
+    return markdown_table(["strategy", "lr", "seeds", "validation acc", "test acc", "test macro-F1", "|g| CV"],
+                          lines)
+
+
+def check_strategies(strategies: Sequence[str], source: Optional[Task]) -> list[Any]:
+    """The strategies, or ``ValueError`` for an unknown one or one that needs a source task
+    when none is given (before anything trains)."""
+    from .strategies import get_strategy
+
+    out = []
+    for name in strategies:
+        try:
+            st = get_strategy(name)
+        except KeyError as e:
+            raise ValueError(str(e.args[0])) from None
+        if st.reference in ("source", "icl") and source is None:
+            raise ValueError(f"strategy {name} guides toward a source task's gradient: give --source "
+                             "(a built-in task or a file with the same columns), or use a *-kshot / *-ema row")
+        if st.reference == "sources":
+            raise ValueError(f"strategy {name} (several source tasks) is for the built-in grid (sgg-optim bench)")
+        out.append(st)
+    return out
+
+
+def compare(task: Task, model: str | Callable[[Any], Any], strategies: Sequence[str] = DEFAULT_STRATEGIES, *,
+            shots: int = 8, seeds: int = 3, steps: int = 30, lrs: Sequence[float] = DEFAULT_LRS,
+            out: str | Path = "sgg_compare", model_name: Optional[str] = None, source: Optional[Task] = None,
+            baseline: str = "adamw", command: str = "", label_words: Optional[Sequence[str]] = None,
+            verbose: bool = True) -> Results:
+    """Compare ``strategies`` on K=``shots`` per class of ``task`` with ``model``, at every lr
+    of ``lrs`` and ``seeds`` seeds, ``steps`` steps each; rows, report and plot in ``out``.
+
+    ``model`` is ``"minilm"``, ``"smollm2"``, a local model folder
+    (:func:`.cli.model_factory`) or a factory ``task -> (model, tokenizer)`` (then
+    ``model_name`` names it in the results). Inputs are checked before anything trains:
+    the strategies, the shots per class (:func:`.data.check_shots`). ``command`` is
+    written into the report (the CLI passes the command line).
+    """
+    from . import cli
+    from .data import check_shots
+
+    strats = check_strategies(strategies, source)
+    check_shots(task, shots)
+    if not lrs:
+        raise ValueError("lrs: give at least one learning rate")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if callable(model):
+        factory, name = model, model_name or getattr(model, "__name__", "custom")
+    else:
+        factory, name = cli.model_factory(str(model), label_words=label_words), model_name or str(model)
+    store = ResultsFile(out / "results.jsonl")
+    say = cli._say if verbose else (lambda _msg: None)
+    if verbose:
+        say(f"{task.name}: {task.description or ''}\nlabels: {', '.join(task.label_names)}; "
+            f"{len(task.train_texts)} training-pool examples, {len(task.eval_texts)} test examples")
+    rows = cli.run_grid([task], [s.name for s in strats], [shots], list(range(seeds)), steps, store,
+                        lrs=[float(x) for x in lrs], explain=verbose, factory=factory, model=name,
+                        source=source)
+    pick = pick_setting(rows)
+    report = write_report(rows, task, out, pick, command=command, model=name, shots=shots, steps=steps,
+                          baseline=baseline)
+    files = {"results": store.path, "report": out / "report.md"}
+    try:
+        files["plot"] = plot(rows, task, out / "compare.png", shots=shots, steps=steps, model=name)
+    except ImportError as e:  # matplotlib is checked by the CLI first; a notebook may lack it
+        say(f"no plot: {e}")
+    if verbose:
+        say("\n" + summary_table(rows) + "\n\n" + pick_line(pick))
+        say(f"\nreport: {files['report']}\nresults: {store.path}" + (f"\nplot: {files['plot']}" if "plot" in files else ""))
+    return Results(rows, report, pick, out, files)
+
+
+def pick_line(pick: Optional[dict[str, Any]]) -> str:
+    if pick is None:
+        return "Nothing ran: no setting to pick."
+    return (f"Pick: **{pick['strategy']} at lr {pick['lr']:g}**, the highest mean validation accuracy "
+            f"({100 * pick['val_acc']:.1f}% over {pick['seeds']} seeds; validation = K per class from the "
+            f"training pool, disjoint from the shots). The test split was not used to choose; its figure "
+            f"for this setting: accuracy {100 * pick['accuracy']:.1f}%, macro-F1 {100 * pick['macro_f1']:.1f}%."
+            + (" **Every run of this setting failed** (test accuracy within 2 points of always predicting the "
+               "majority class): no setting learned the task here, and the pick means little; try more shots, "
+               "more steps or another model." if pick.get("failed") == 1.0 else ""))
+
+
+def write_report(rows: Sequence[dict[str, Any]], task: Task, out: Path, pick: Optional[dict[str, Any]], *,
+                 command: str, model: str, shots: int, steps: int, baseline: str = "adamw") -> str:
+    """``out/report.md``: the command, the data, the pick, the summary and protocol tables."""
+    from .cli import with_majority
+
+    parts = [f"# sgg-optim compare: {task.name}", ""]
+    if command:
+        parts += ["Produced by:", "", "```", command, "```", ""]
+    parts += [f"Data: {task.description or task.name}. Labels (class order): {', '.join(task.label_names)}.",
+              f"Model: {model}. K={shots} per class, {steps} steps; seeds and lrs as in the tables.", "",
+              pick_line(pick), "", "## Mean over seeds, per strategy and lr", "", summary_table(rows), "",
+              "## Protocol tables", "",
+              protocol_report(with_majority(list(rows)), baseline=baseline) if any(
+                  r["strategy"] == baseline for r in rows) else "(no baseline row: protocol tables skipped)", ""]
+    text = "\n".join(parts)
+    (out / "report.md").write_text(text)
+    return text
+
+
+def plot(rows: Sequence[dict[str, Any]], task: Task, path: Path, *, shots: int, steps: int, model: str) -> Path:
+    """The comparison plot of each strategy at its validation-chosen lr per seed."""
+    from .plots import comparison_plot
+
+    chosen = list(choose_lr(rows).values())
+    return comparison_plot(chosen, path, chance=max(task.eval_labels.count(c) for c in set(task.eval_labels))
+                           / len(task.eval_labels),
+                           title=f"{task.name}, K={shots}, {Path(model).name}, {steps} steps "
+                                 "(each seed at the lr chosen on validation)")
