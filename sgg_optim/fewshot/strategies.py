@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
-import torch
-from torch import Tensor, nn
+if TYPE_CHECKING:  # torch is imported where an optimizer is built: `sgg-optim --help` stays fast
+    import torch
+    from torch import Tensor, nn
 
-from ..adamw import GuidedAdamW
-from ..reference import Reference
+    from ..reference import Reference
 
 FULL_LRS = (2e-5, 5e-5, 1e-4, 2e-4)  # protocol v2: the sweep of issue 10
 LORA_LRS = (5e-4, 1e-3, 3e-3)
@@ -49,9 +49,9 @@ class PrepareContext:
     lr: float
 
 
-Prepare = Callable[[nn.Module, PrepareContext], tuple[nn.Module, Any]]
-LossFn = Callable[[nn.Module, dict], Tensor]
-Objective = Callable[[nn.Module, Optional[Reference]], LossFn]
+Prepare = Callable[["nn.Module", PrepareContext], "tuple[nn.Module, Any]"]
+LossFn = Callable[["nn.Module", dict], "Tensor"]
+Objective = Callable[["nn.Module", "Optional[Reference]"], LossFn]
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,10 @@ class Strategy:
     def build_optimizer(self, model: nn.Module, lr: float,
                         reference: Optional[Reference | Sequence[Reference]] = None) -> torch.optim.Optimizer:
         """The optimizer over ``model``'s trainable parameters (named, so references bind)."""
+        import torch
+
+        from ..adamw import GuidedAdamW
+
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         # foreach: the same arithmetic as the per-tensor loop (bit for bit), one call per op
         # for all tensors; PyTorch's default on GPU, not on CPU
