@@ -106,3 +106,36 @@ def test_issue10_rows_reach_the_optimizer(name, reference, settings):
     if reference == "kshot":
         with pytest.raises(ValueError, match="needs a kshot reference"):
             row.build_optimizer(model, 3e-4)
+
+
+def test_lp_ft_probe_phase_leaves_the_encoder_bit_identical():
+    """LP-FT: the first third of the steps move only the head, then everything; guided too."""
+    from test_fewshot_protocol import synthetic_task, tiny_factory
+
+    from sgg_optim.fewshot import training
+    from sgg_optim.fewshot.training import RunConfig
+
+    task = synthetic_task()
+    for name in ("lp-ft", "lp-ft+cone-kshot"):
+        torch.manual_seed(0)
+        model, tok = tiny_factory(task)
+        start = {n: p.detach().clone() for n, p in model.named_parameters()}
+        strategy = get_strategy(name)
+        assert strategy.probe_fraction == pytest.approx(1 / 3)
+        seen = []
+
+        def snapshot(step):
+            seen.append({n: p.detach().clone() for n, p in model.named_parameters()})
+
+        cfg = RunConfig(steps=6, batch_size=8, max_length=16)
+        texts, labels = task.train_texts[:16], task.train_labels[:16]
+        reference = None
+        if strategy.reference == "kshot":
+            reference = training.source_reference(model, tok, texts, labels, cfg)
+        training.train(model, strategy, 1e-2, training.batches(tok, texts, labels, cfg, 0), cfg, reference,
+                       on_step=snapshot)
+        for step in (0, 1):  # the probe: 2 of 6 steps
+            for n, value in seen[step].items():
+                assert torch.equal(value, start[n]) != training.is_head(n), (name, step, n)
+        assert not torch.equal(seen[-1]["bert.embeddings.word_embeddings.weight"],
+                               start["bert.embeddings.word_embeddings.weight"])

@@ -75,6 +75,7 @@ class Strategy:
     prepare: Optional[Prepare] = field(default=None, compare=False)
     objective: Optional[Objective] = field(default=None, compare=False)
     train: bool = True
+    probe_fraction: float = 0.0
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -133,6 +134,7 @@ def compose(a: Strategy, b: Strategy) -> Strategy:
     return Strategy(
         name=f"{a.name}+{b.name}", lr_grid=lr_grid, guidance=pick("guidance", None),
         clip_norm=pick("clip_norm", None), lora=lora, reference=pick("reference", "ema"),
+        probe_fraction=pick("probe_fraction", 0.0),
         prepare=prepare if len(hooks) > 1 else (hooks[0] if hooks else None),
         objective=a.objective or b.objective, train=a.train and b.train,
         description=f"{a.description}; {b.description}".strip("; "),
@@ -175,6 +177,8 @@ for _s in (
     Strategy("cone-icl", guidance=_CONE, reference="icl",
              description="cone 60 deg around the pretrained LM's in-context gradient on the source task"),
     Strategy("lora", lr_grid=LORA_LRS, lora=True, description="LoRA r=8 on attention, AdamW"),
+    Strategy("lp-ft", probe_fraction=1 / 3, description="LP-FT: the first third of the steps train only the "
+             "fresh head (encoder frozen), the rest the whole model; AdamW"),
     Strategy("cone-kshot", guidance=_CONE, reference="kshot",
              description="cone 60 deg + adaptive norm around the K shots' own mean gradient at the start "
                          "(class-balanced, frozen; no source task)"),

@@ -249,6 +249,14 @@ class UpdateCosine:
         return cos
 
 
+HEAD_NAMES = ("classifier", "score")  # BERT-style and Llama-style sequence-classification heads
+
+
+def is_head(name: str) -> bool:
+    """True for a parameter of the fresh classification head (by its module name)."""
+    return any(part in HEAD_NAMES for part in name.split("."))
+
+
 def train(model: nn.Module, strategy: Strategy, lr: float, data: Any, cfg: RunConfig,
           reference: Optional[Reference | Sequence[Reference]] = None,
           on_step: Optional[Callable[[int], None]] = None) -> dict[str, list]:
@@ -259,6 +267,11 @@ def train(model: nn.Module, strategy: Strategy, lr: float, data: Any, cfg: RunCo
     alignment weights (``weights``).
     """
     params = [p for p in model.parameters() if p.requires_grad]
+    probe = round(strategy.probe_fraction * cfg.steps)
+    frozen = [p for n, p in model.named_parameters() if p.requires_grad and not is_head(n)] if probe else []
+    if probe and len(frozen) == len(params):
+        raise ValueError(f"strategy {strategy.name}: a linear probe needs a classification head "
+                         f"(a parameter named {' or '.join(HEAD_NAMES)}); this model has none")
     opt = strategy.build_optimizer(model, lr, reference)
     single = reference if isinstance(reference, Reference) else None
     loss_fn = strategy.objective(model, single) if strategy.objective is not None else None
@@ -269,6 +282,9 @@ def train(model: nn.Module, strategy: Strategy, lr: float, data: Any, cfg: RunCo
         loss = loss_fn(model, batch) if loss_fn is not None else model(**batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if step < probe:  # linear probe: the encoder gets no gradient, so no update at all
+            for p in frozen:
+                p.grad = None
         raw = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
         applied = raw
         if strategy.clip_norm is not None:
