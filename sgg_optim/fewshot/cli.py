@@ -149,6 +149,20 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="step", leave=False, dynamic_ncols=True, file=sys.stdout)
 
 
+ROW_EXTRAS = {"setfit": "anchors"}  # module a row needs -> the extra that installs it
+
+
+def check_requirements(strategies: Any) -> None:
+    """Stop before any work when a row needs a package that is not installed, naming the extra."""
+    import importlib.util
+
+    for st in strategies:
+        for module in st.requires:
+            if importlib.util.find_spec(module) is None:
+                raise SystemExit(f"sgg-optim: strategy {st.name} needs the {module} package; install it with "
+                                 f"pip install 'sgg-optim[{ROW_EXTRAS.get(module, module)}]'")
+
+
 def model_factory(name: str, label_words: Optional[Sequence[str]] = None, kind: str = "auto") -> Any:
     """The one model registry: ``task -> (fresh model, tokenizer)`` for ``name``.
 
@@ -256,6 +270,8 @@ def run_grid(tasks: Sequence[str], strategies: Sequence[str], shots: Sequence[in
         if missing:
             _say(f"{len(missing)} runs not run (--report)")
         missing = []
+    if missing:
+        check_requirements(strats.values())
     if missing and factory is None:
         factory = model_factory(model)
     # the missing lrs of one (task, strategy, K, seed) run together: one reference capture

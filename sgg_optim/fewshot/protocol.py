@@ -196,7 +196,7 @@ def run_cell(task: Task, strategy: Strategy, k: int, seed: int, factory: ModelFa
         ctx = PrepareContext(tok, task, tuple(tr_texts), tuple(tr_labels), cfg, seed, lr)
         model, tok = strategy.prepare(model, ctx)
     trace: dict[str, list] = {name: [] for name in ("loss", "grad_norm", "applied_norm", "update_cos", "ref_cos")}
-    if strategy.train:
+    if strategy.train and not strategy.own_loop:
         # the initial point depends on the lr only through a prepare hook
         memo = initial if initial is not None and strategy.prepare is None else None
         if memo is not None and "reference" in memo:

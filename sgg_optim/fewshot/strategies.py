@@ -76,6 +76,8 @@ class Strategy:
     objective: Optional[Objective] = field(default=None, compare=False)
     train: bool = True
     probe_fraction: float = 0.0
+    own_loop: bool = False
+    requires: tuple[str, ...] = ()
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -134,7 +136,8 @@ def compose(a: Strategy, b: Strategy) -> Strategy:
     return Strategy(
         name=f"{a.name}+{b.name}", lr_grid=lr_grid, guidance=pick("guidance", None),
         clip_norm=pick("clip_norm", None), lora=lora, reference=pick("reference", "ema"),
-        probe_fraction=pick("probe_fraction", 0.0),
+        probe_fraction=pick("probe_fraction", 0.0), own_loop=a.own_loop or b.own_loop,
+        requires=tuple(dict.fromkeys(a.requires + b.requires)),
         prepare=prepare if len(hooks) > 1 else (hooks[0] if hooks else None),
         objective=a.objective or b.objective, train=a.train and b.train,
         description=f"{a.description}; {b.description}".strip("; "),
@@ -222,6 +225,9 @@ for _s in (
              description="ProMoT: soft prompt trained first (model frozen), then the model with the prompt frozen"),
     Strategy("icl-format", prepare=_method_hook("incontext", "prepare_icl_format", k=2, demo_max_length=32),
              description="in-context-format fine-tuning: 2 demonstrations (32 tokens each) from the shots per input"),
+    Strategy("setfit", prepare=_method_hook("setfit", "prepare_setfit"), own_loop=True, requires=("setfit",),
+             description="SetFit (the setfit package, its defaults): contrastive body tuning on pairs of the "
+                         "shots, then a logistic-regression head; the row's lr is SetFit's body lr"),
     Strategy("sgg-exact", objective=_sgg_exact,
              description="SGG's exact objective: L + direction and magnitude penalties by double backward"),
 ):

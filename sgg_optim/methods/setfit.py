@@ -1,0 +1,86 @@
+"""SetFit as a benchmark row: what a user with a few labelled examples per class and a
+sentence-transformer reaches for first (Tunstall et al. 2022, the ``setfit`` package).
+
+The row runs the real package with its default hyper-parameters: contrastive
+fine-tuning of the body on pairs drawn from the K shots, then a logistic-regression
+head on the body's embeddings. The body is the same local model folder the other rows
+fine-tune (mean pooling, normalised, as all-MiniLM-L6-v2 is trained), built offline; only
+its learning rate follows the row's lr (SetFit's ``body_learning_rate``), so it is swept
+where the other rows sweep theirs. Predictions come from the fitted head.
+
+``setfit`` is an optional dependency: ``pip install 'sgg-optim[anchors]'``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import tempfile
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import nn
+
+EXTRA = "pip install 'sgg-optim[anchors]'"
+
+
+def require_setfit() -> None:
+    """Raise ``ImportError`` naming the extra when ``setfit`` is not installed."""
+    if importlib.util.find_spec("setfit") is None:
+        raise ImportError(f"the setfit row needs the setfit package: {EXTRA}")
+
+
+class SetFitClassifier(nn.Module):
+    """A fitted ``SetFitModel`` behind the interface the benchmark predicts with:
+    ``model(input_ids=..., attention_mask=...).logits`` are the log-probabilities of the
+    logistic-regression head on the body's sentence embeddings."""
+
+    def __init__(self, setfit_model: Any) -> None:
+        super().__init__()
+        self.setfit_model = setfit_model
+        self.body = setfit_model.model_body  # registered, so .eval() reaches it
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: Any) -> SimpleNamespace:
+        features = {"input_ids": input_ids, "attention_mask": attention_mask}
+        embeddings = self.body(features)["sentence_embedding"].float().cpu().numpy()
+        proba = self.setfit_model.model_head.predict_proba(embeddings)
+        return SimpleNamespace(logits=torch.log(torch.as_tensor(proba).clamp_min(1e-12)))
+
+
+def _text(x: Any) -> str:
+    return " ".join(x) if isinstance(x, tuple) else x  # a text pair is read as one text
+
+
+def prepare_setfit() -> Any:
+    """A ``prepare`` hook: train SetFit on the run's shots; returns the fitted classifier."""
+
+    def prepare(model: nn.Module, ctx: Any) -> tuple[nn.Module, Any]:
+        require_setfit()
+        from datasets import Dataset
+        from sentence_transformers import SentenceTransformer, models
+        from setfit import SetFitModel, Trainer, TrainingArguments
+        from sklearn.linear_model import LogisticRegression
+
+        folder = getattr(getattr(model, "config", None), "_name_or_path", "")
+        if not folder or not os.path.isdir(folder):
+            raise ValueError(f"the setfit row builds its body from the model's local folder; "
+                             f"model.config._name_or_path is {folder!r}")
+        torch.manual_seed(ctx.seed)
+        encoder = models.Transformer(folder, max_seq_length=ctx.cfg.max_length)
+        pooling = models.Pooling(encoder.get_word_embedding_dimension(), "mean")
+        body = SentenceTransformer(modules=[encoder, pooling, models.Normalize()], device="cpu")
+        head = LogisticRegression(random_state=ctx.seed)
+        setfit_model = SetFitModel(model_body=body, model_head=head)
+        with tempfile.TemporaryDirectory(prefix="sgg-setfit-") as out:
+            kwargs: dict[str, Any] = {"output_dir": out, "seed": ctx.seed, "save_strategy": "no",
+                                      "report_to": "none", "show_progress_bar": False}
+            if ctx.lr:
+                kwargs["body_learning_rate"] = ctx.lr
+            data = Dataset.from_dict({"text": [_text(t) for t in ctx.train_texts],
+                                      "label": list(ctx.train_labels)})
+            Trainer(model=setfit_model, args=TrainingArguments(**kwargs), train_dataset=data).train()
+        return SetFitClassifier(setfit_model), ctx.tokenizer
+
+    return prepare

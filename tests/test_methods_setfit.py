@@ -1,0 +1,78 @@
+"""The setfit row: the real package on the run's shots, predictions from its fitted head,
+and a clear error naming the extra, before any work, when setfit is missing."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from test_fewshot_protocol import synthetic_task
+
+from sgg_optim.fewshot import cli
+from sgg_optim.fewshot.protocol import run_cell
+from sgg_optim.fewshot.results import ResultsFile
+from sgg_optim.fewshot.strategies import get_strategy
+from sgg_optim.fewshot.training import RunConfig, minilm_factory
+
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "great", "fine", "lovely", "bad", "awful", "poor",
+         "dull", "the", "film", "was", "a", "plot", "very", "and", "it"] + [str(i) for i in range(120)]
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A tiny BERT and its tokenizer saved as a local model folder, as MiniLM's is."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    (folder / "vocab.txt").write_text("\n".join(VOCAB))
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(vocab_size=len(VOCAB), hidden_size=16, num_hidden_layers=1,
+                                             num_attention_heads=2, intermediate_size=32)).save_pretrained(folder)
+    return folder
+
+
+def test_setfit_row_predicts_with_its_fitted_head(tiny_folder):
+    pytest.importorskip("setfit")
+    task = synthetic_task()
+    strategy = get_strategy("setfit")
+    assert strategy.own_loop and strategy.requires == ("setfit",)
+    seen = {}
+
+    def capture(model, ctx):  # keep the prepared model to look inside it
+        model, tok = prepare(model, ctx)
+        seen["model"], seen["ctx"] = model, ctx
+        return model, tok
+
+    prepare = strategy.prepare
+    from dataclasses import replace
+
+    row = run_cell(task, replace(strategy, prepare=capture), 4, 0, minilm_factory(tiny_folder),
+                   RunConfig(steps=2, max_length=16), lr=2e-5)
+    model, ctx = seen["model"], seen["ctx"]
+    head = model.setfit_model.model_head
+    assert hasattr(head, "coef_")  # a fitted logistic regression
+    assert ctx.train_texts and len(ctx.train_texts) == 8 and ctx.lr == 2e-5
+    texts = list(task.eval_texts[:10])
+    enc = ctx.tokenizer(texts, truncation=True, max_length=16, padding=True, return_tensors="pt")
+    ours = model(**enc).logits.argmax(-1).tolist()
+    theirs = [int(x) for x in model.setfit_model.predict(texts)]
+    assert ours == theirs
+    assert row["trace"]["loss"] == [] and 0.0 <= row["accuracy"] <= 1.0 and row["lr"] == 2e-5
+
+
+def test_missing_setfit_stops_before_any_work(tmp_path, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "setfit" else real(name, *a))
+
+    def no_factory(*a, **k):
+        raise AssertionError("built a model without setfit")
+
+    with pytest.raises(SystemExit, match=r"setfit.*pip install 'sgg-optim\[anchors\]'"):
+        cli.run_grid([synthetic_task()], ["adamw", "setfit"], [4], [0], 2, ResultsFile(tmp_path / "r.jsonl"),
+                     lrs=[2e-5], factory=no_factory)
+    from sgg_optim.methods.setfit import require_setfit
+
+    with pytest.raises(ImportError, match=r"sgg-optim\[anchors\]"):
+        require_setfit()
