@@ -76,3 +76,27 @@ def test_missing_setfit_stops_before_any_work(tmp_path, monkeypatch):
 
     with pytest.raises(ImportError, match=r"sgg-optim\[anchors\]"):
         require_setfit()
+
+
+def test_setfit_plus_guidance_tunes_the_body_with_guided_adamw(tiny_folder, monkeypatch):
+    pytest.importorskip("setfit")
+    from sgg_optim import GuidedAdamW
+
+    built = []
+    real_init = GuidedAdamW.__init__
+
+    def spy(self, *a, **k):
+        real_init(self, *a, **k)
+        built.append(self)
+
+    monkeypatch.setattr(GuidedAdamW, "__init__", spy)
+    strategy = get_strategy("setfit+adaptive")
+    assert strategy.own_loop and strategy.guidance["magnitude"] == "adaptive"
+    run_cell(synthetic_task(), strategy, 4, 0, minilm_factory(tiny_folder), RunConfig(steps=2, max_length=16),
+             lr=2e-5)
+    assert len(built) == 1 and built[0].config.direction == "off" and built[0].config.magnitude == "adaptive"
+    assert built[0].defaults["lr"] == 2e-5  # SetFit's body lr, not GuidedAdamW's default 1e-3
+    assert built[0].stats["step"] > 0  # the body's training stepped the guided optimizer
+    with pytest.raises(ValueError, match="own EMA reference"):
+        run_cell(synthetic_task(), get_strategy("setfit+cone-kshot"), 4, 0, minilm_factory(tiny_folder),
+                 RunConfig(steps=2, max_length=16), lr=2e-5)

@@ -193,7 +193,9 @@ def run_cell(task: Task, strategy: Strategy, k: int, seed: int, factory: ModelFa
     lr = float(lr) if strategy.train else 0.0  # type: ignore[arg-type]
     model, tok = _fresh_model(factory, task, strategy, seed)
     if strategy.prepare is not None:
-        ctx = PrepareContext(tok, task, tuple(tr_texts), tuple(tr_labels), cfg, seed, lr)
+        if strategy.own_loop and strategy.guidance is not None and strategy.reference != "ema":
+            raise ValueError(f"{strategy.name}: a row that trains itself guides toward its own EMA reference only")
+        ctx = PrepareContext(tok, task, tuple(tr_texts), tuple(tr_labels), cfg, seed, lr, strategy.guidance)
         model, tok = strategy.prepare(model, ctx)
     trace: dict[str, list] = {name: [] for name in ("loss", "grad_norm", "applied_norm", "update_cos", "ref_cos")}
     if strategy.train and not strategy.own_loop:

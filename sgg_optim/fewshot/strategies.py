@@ -38,7 +38,8 @@ REFERENCES = ("ema", "source", "sources", "icl", "kshot")
 
 @dataclass(frozen=True)
 class PrepareContext:
-    """What a ``prepare`` hook may use: the run's tokenizer, task, K-shot training set and budget."""
+    """What a ``prepare`` hook may use: the run's tokenizer, task, K-shot training set and
+    budget, and the row's guidance keywords (for a hook that trains itself, as SetFit's)."""
 
     tokenizer: Any
     task: Any  # tasks.Task
@@ -47,6 +48,7 @@ class PrepareContext:
     cfg: Any  # training.RunConfig
     seed: int
     lr: float
+    guidance: Optional[dict[str, Any]] = None
 
 
 Prepare = Callable[["nn.Module", PrepareContext], "tuple[nn.Module, Any]"]

@@ -6,7 +6,11 @@ fine-tuning of the body on pairs drawn from the K shots, then a logistic-regress
 head on the body's embeddings. The body is the same local model folder the other rows
 fine-tune (mean pooling, normalised, as all-MiniLM-L6-v2 is trained), built offline; only
 its learning rate follows the row's lr (SetFit's ``body_learning_rate``), so it is swept
-where the other rows sweep theirs. Predictions come from the fitted head.
+where the other rows sweep theirs. Predictions come from the fitted head. Composed with
+a guided row (``setfit+cone``, ``setfit+adaptive``), the body is tuned by
+:class:`~sgg_optim.GuidedAdamW` with that row's keywords, through the
+``optimizer_cls_and_kwargs`` of the Hugging Face Trainer that SetFit drives
+(``trainer.st_trainer``), guided toward its own EMA reference.
 
 ``setfit`` is an optional dependency: ``pip install 'sgg-optim[anchors]'``.
 """
@@ -80,7 +84,17 @@ def prepare_setfit() -> Any:
                 kwargs["body_learning_rate"] = ctx.lr
             data = Dataset.from_dict({"text": [_text(t) for t in ctx.train_texts],
                                       "label": list(ctx.train_labels)})
-            Trainer(model=setfit_model, args=TrainingArguments(**kwargs), train_dataset=data).train()
+            trainer = Trainer(model=setfit_model, args=TrainingArguments(**kwargs), train_dataset=data)
+            if ctx.guidance is not None:
+                # SetFit tunes the body with a sentence-transformers (Hugging Face) Trainer;
+                # its documented optimizer_cls_and_kwargs takes the guided optimizer.
+                from ..adamw import GuidedAdamW
+
+                args = trainer.st_trainer.args  # the Trainer passes none of these to a class given this way
+                trainer.st_trainer.optimizer_cls_and_kwargs = (GuidedAdamW, {
+                    **ctx.guidance, "lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2),
+                    "eps": args.adam_epsilon, "weight_decay": args.weight_decay})
+            trainer.train()
         return SetFitClassifier(setfit_model), ctx.tokenizer
 
     return prepare
