@@ -492,6 +492,7 @@ def capture_cmd(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
+    from ..methods.sampling import eval_mode
     from ..reference import capture_reference
     from .data import load_data
     from .training import RunConfig, balanced_batches
@@ -509,8 +510,6 @@ def capture_cmd(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     model, tok = factory(task)
     cfg = RunConfig(batch_size=args.batch_size, max_length=args.max_length)
-    was_training = model.training
-    model.eval()  # dropout off while capturing
     bar = tqdm(total=args.batches, desc="capturing", unit="batch", file=sys.stdout, dynamic_ncols=True)
 
     def counted():  # the bar moves once a batch's gradient is in (after the yield returns)
@@ -518,9 +517,9 @@ def capture_cmd(args: argparse.Namespace) -> int:
             yield batch
             bar.update()
 
-    ref = capture_reference(model, counted())
+    with eval_mode(model):  # dropout off while capturing
+        ref = capture_reference(model, counted())
     bar.close()
-    model.train(was_training)
     from ..methods.incontext import VerbalizerLM
 
     if isinstance(model, VerbalizerLM):

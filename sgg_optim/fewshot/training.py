@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
+from ..methods.sampling import balanced_draw, class_pools, eval_mode
 from ..optimizer import GuidedOptimizer
 from ..reference import Reference, capture_reference
 from .strategies import Strategy
@@ -183,12 +184,12 @@ def balanced_batches(tokenizer: Any, texts: Sequence[str], labels: Sequence[int]
     batch's class mix rather than the task (``benchmarks/reference_diagnostics.py``).
     """
     rng = random.Random(f"balanced-{seed}")
-    by_class = {c: [i for i, y in enumerate(labels) if y == c] for c in sorted(set(labels))}
+    by_class = class_pools(labels)
     per = max(1, cfg.batch_size // len(by_class))
     # a small pool (the K shots) is tokenised once; a large one (a source task) per batch
     enc = Encoded(tokenizer, texts, cfg.max_length) if len(texts) <= num_batches * cfg.batch_size else None
     for _ in range(num_batches):
-        idx = [i for pool in by_class.values() for i in rng.sample(pool, min(per, len(pool)))]
+        idx = balanced_draw(by_class, per, rng)
         batch = enc.batch(idx) if enc is not None else dict(encode(tokenizer, [texts[i] for i in idx], cfg.max_length))
         batch["labels"] = torch.tensor([labels[i] for i in idx])
         yield batch
@@ -198,13 +199,9 @@ def source_reference(model: nn.Module, tokenizer: Any, texts: Sequence[str], lab
                      cfg: RunConfig, num_batches: int = 8) -> Reference:
     """Mean source-task gradient at ``model``'s current point over class-balanced batches
     (dropout off while capturing)."""
-    was_training = model.training
-    model.eval()
-    try:
-        src = balanced_batches(tokenizer, texts, labels, cfg, num_batches)
-        return capture_reference(model, src, num_batches=num_batches)
-    finally:
-        model.train(was_training)
+    with eval_mode(model):
+        return capture_reference(model, balanced_batches(tokenizer, texts, labels, cfg, num_batches),
+                                 num_batches=num_batches)
 
 
 class UpdateCosine:

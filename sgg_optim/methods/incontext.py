@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .sampling import eval_mode
+
 DEFAULT_TEMPLATE = "Text: {text}\nLabel:"
 DEFAULT_LABEL_FORMAT = " {label}"
 DEMO_SEPARATOR = "\n\n"
@@ -168,9 +170,7 @@ def label_loglik(lm: nn.Module, tokenizer: Any, prompts: Sequence[str],
     per_prompt = [list(choices)] * len(prompts) if shared else [list(c) for c in choices]
     if len(per_prompt) != len(prompts):
         raise ValueError(f"choices: {len(per_prompt)} lists for {len(prompts)} prompts")
-    was_training = lm.training
-    lm.eval()
-    try:
+    with eval_mode(lm):
         out = []
         for i in range(0, len(prompts), batch_size):
             cids = [continuation_ids(tokenizer, row) for row in per_prompt[i: i + batch_size]]
@@ -184,8 +184,6 @@ def label_loglik(lm: nn.Module, tokenizer: Any, prompts: Sequence[str],
             score = cached_choice_logliks if not single and _can_share_prompt_cache(lm) else choice_logliks
             out.append(score(lm, pids, cids).cpu())
         return torch.cat(out) if out else torch.zeros(0, len(per_prompt[0]) if per_prompt else 0)
-    finally:
-        lm.train(was_training)
 
 
 # ---------------------------------------------------------------- prompts and demonstrations

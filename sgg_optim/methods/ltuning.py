@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .sampling import eval_mode
+
 REGIMES = ("prompt", "prefix")
 POOLINGS = ("mean", "last")
 DEFAULT_SCALE = 20.0  # cosine x 1/0.05, the usual contrastive temperature
@@ -147,19 +149,6 @@ def _device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
-class _EvalMode:
-    """Dropout off while the frozen model encodes the label texts; the previous mode after."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module, self.was_training = module, module.training
-
-    def __enter__(self) -> None:
-        self.module.eval()
-
-    def __exit__(self, *exc: object) -> None:
-        self.module.train(self.was_training)
-
-
 class LabelTuningClassifier(nn.Module):
     """A frozen ``backbone`` with a label-derived prompt or prefix, classifying by scaled cosine.
 
@@ -212,7 +201,7 @@ class LabelTuningClassifier(nn.Module):
         ids = label_token_ids(tokenizer, label_names)
         self.init_token_ids = tile_ids(ids, num_virtual_tokens or len(ids))
         n = len(self.init_token_ids)
-        with _EvalMode(backbone):
+        with eval_mode(backbone):
             label_embeddings = encode_labels(backbone, tokenizer, label_names, self.pooling)
             prefix = label_kv(backbone, self.init_token_ids) if regime == "prefix" else None
         self.label_embeddings = nn.Parameter(label_embeddings.clone())

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .incontext import DEFAULT_TEMPLATE, PromptTokenizer, VerbalizerLM, label_loglik
+from .sampling import balanced_draw, eval_mode
 
 
 def retention_lm(model: nn.Module) -> nn.Module:
@@ -65,7 +66,7 @@ def icl_reference(model: VerbalizerLM, tokenizer: Any, source: Any, *, cfg: Any,
 
     def batches():
         for _ in range(num_batches):
-            idx = [i for pool in by_class if pool for i in rng.sample(pool, min(per, len(pool)))]
+            idx = balanced_draw(by_class, per, rng)
             enc = prompter([source.train_texts[i] for i in idx], max_length=cfg.max_length)
             yield {**enc, "labels": torch.tensor([source.train_labels[i] for i in idx])}
 
@@ -73,12 +74,8 @@ def icl_reference(model: VerbalizerLM, tokenizer: Any, source: Any, *, cfg: Any,
         logits = m.score(batch["input_ids"], batch["attention_mask"], label_ids)
         return F.cross_entropy(logits, batch["labels"].to(logits.device))
 
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         return capture_reference(model, batches(), loss_fn=loss_fn, num_batches=num_batches)
-    finally:
-        model.train(was_training)
 
 
 def query_indices(labels: Sequence[int], n_eval: Optional[int]) -> list[int]:
