@@ -94,7 +94,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     load = os.getloadavg()
-    lines = [f"# int8 reference storage: dynamic code book vs linear grid\n",
+    lines = ["# int8 reference storage: dynamic code book vs linear grid\n",
              f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} with "
              f"`python benchmarks/int8_store.py --rounds {args.rounds} --threads {args.threads}`; "
              f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "

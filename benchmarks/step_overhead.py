@@ -35,7 +35,6 @@ import argparse
 import datetime
 import gc
 import hashlib
-import inspect
 import os
 import platform
 import random
@@ -325,7 +324,6 @@ def breakdown(c: Candidate, grads, g0, rounds: int, alternatives: bool = False, 
     cfg = opt.config
     c.prepare(grads, g0)
     guided = opt._guided()
-    params = [p for _, _, p in guided]
     index = [i for i, _, _ in guided]
     st = opt._guidance
     num_blocks = opt._num_blocks()

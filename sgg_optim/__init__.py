@@ -31,7 +31,8 @@ _LAZY = {
     "capture_reference": ".reference",
 }
 
-__all__ = [*sorted(_LAZY), "__version__"]
+__all__ = ["GuidanceConfig", "GuidedAdamW", "GuidedAdamW8bit", "GuidedOptimizer", "GuidedPagedAdamW8bit", "Reference",
+           "capture_reference", "__version__"]
 
 
 def __getattr__(name: str) -> Any:

@@ -9,7 +9,6 @@ bnb's quantised optimizer state is never touched and its param groups (which
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 from torch.nn import Module
 from torch.optim import Optimizer
