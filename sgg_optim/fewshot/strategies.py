@@ -29,6 +29,8 @@ if TYPE_CHECKING:  # torch is imported where an optimizer is built: `sgg-optim -
     from torch import Tensor, nn
 
     from ..reference import Reference
+    from .tasks import Task
+    from .training import RunConfig
 
 FULL_LRS = (2e-5, 5e-5, 1e-4, 2e-4)  # protocol v2: the sweep of issue 10
 LORA_LRS = (5e-4, 1e-3, 3e-3)
@@ -41,11 +43,11 @@ class PrepareContext:
     """What a ``prepare`` hook may use: the run's tokenizer, task, K-shot training set and
     budget, and the row's guidance keywords (for a hook that trains itself, as SetFit's)."""
 
-    tokenizer: Any
-    task: Any  # tasks.Task
+    tokenizer: Any  # a Hugging Face tokenizer, or a method's wrapper around one
+    task: Task
     train_texts: tuple[str, ...]
     train_labels: tuple[int, ...]
-    cfg: Any  # training.RunConfig
+    cfg: RunConfig
     seed: int
     lr: float
     guidance: Optional[dict[str, Any]] = None
