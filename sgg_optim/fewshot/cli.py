@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import sys
 import time
@@ -23,7 +22,8 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from . import assets
-from .results import METRIC_COLUMNS, ResultsFile, aggregate, cell_key, markdown_table, protocol_report
+from .results import (ResultsFile, cell_key, protocol_report, results_table,  # noqa: F401 (re-exported)
+                      retention_table)
 
 MODEL_NAME = "minilm"
 MODELS = ("minilm", "smollm2")
@@ -32,13 +32,6 @@ RETENTION = "bbc-topic,bb-intent,rt-subjectivity,bb-vitaminc"
 DEMO_TASK = "vader-amazon"
 DEMO_STRATEGIES = ("adamw", "cone-source")
 DEMO_LR = 5e-5
-
-COLUMN_TITLES = {
-    "accuracy": "accuracy", "macro_f1": "macro-F1", "grad_cv": "|g| CV", "grad_spike": "|g| spike",
-    "applied_cv": "applied CV", "applied_spike": "applied spike", "update_cos": "cos(Δt,Δt-1)",
-    "ref_cos": "cos(g,ref)",
-}
-
 
 def _say(msg: str) -> None:
     print(msg, flush=True)
@@ -80,50 +73,6 @@ def keep_freed_memory() -> bool:
         return False
     m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4
     return bool(mallopt(m_mmap_max, 0) and mallopt(m_trim_threshold, 1 << 30) and mallopt(m_top_pad, 1 << 28))
-
-
-def _fmt(mu: float, sd: float, pct: bool) -> str:
-    if not math.isfinite(mu):
-        return "—"
-    return f"{100 * mu:.1f} ± {100 * sd:.1f}" if pct else f"{mu:.2f} ± {sd:.2f}"
-
-
-def results_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] = METRIC_COLUMNS) -> str:
-    """A Markdown table of mean ± std over seeds, one line per task, K, strategy and lr."""
-    agg = aggregate(rows)
-    head = ["task", "K", "strategy", "lr", "seeds"] + [COLUMN_TITLES[c] for c in columns]
-    lines = []
-    for (task, k, strategy, lr), figs in agg.items():
-        n = max(figs[c][2] for c in columns)
-        cells = [_fmt(figs[c][0], figs[c][1], c in ("accuracy", "macro_f1")) for c in columns]
-        lines.append([task, str(k), strategy, f"{lr:g}" if lr is not None else "—", str(n)] + cells)
-    return markdown_table(head, lines)
-
-
-def retention_table(rows: Sequence[dict[str, Any]], baseline: str = "pretrained") -> str:
-    """A Markdown table of in-context accuracy (%) per retention task and strategy, and the
-    drop against the ``baseline`` row (``pretrained - tuned``, in points; mean over seeds)."""
-    from .metrics import mean_std
-
-    rows = [r for r in rows if r.get("retention")]
-    if not rows:
-        return ""
-    tasks = sorted({t for r in rows for t in r["retention"]})
-    by_strategy: dict[str, list[dict[str, Any]]] = {}
-    for r in rows:
-        by_strategy.setdefault(r["strategy"], []).append(r)
-    mean = {s: {t: mean_std([r["retention"][t] for r in rs if t in r["retention"]])[0] for t in tasks}
-            for s, rs in by_strategy.items()}
-    base = mean.get(baseline)
-    head = ["strategy", "seeds"] + tasks + ["mean", "drop vs " + baseline if base else ""]
-    lines = ["| " + " | ".join(h for h in head if h) + " |", "|" + "---|" * len([h for h in head if h])]
-    for s, rs in by_strategy.items():
-        avg = sum(mean[s].values()) / len(tasks)
-        cells = [f"{100 * mean[s][t]:.1f}" for t in tasks] + [f"{100 * avg:.1f}"]
-        if base:
-            cells.append(f"{100 * (sum(base.values()) / len(tasks) - avg):+.1f}")
-        lines.append("| " + " | ".join([s, str(len(rs))] + cells) + " |")
-    return "\n".join(lines)
 
 
 def with_majority(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -460,3 +460,52 @@ def pick_setting(rows: Iterable[Mapping[str, Any]]) -> Optional[dict[str, Any]]:
             "accuracy": metrics.nanmean([_num(r.get("accuracy")) for r in rs]),
             "macro_f1": metrics.nanmean([_num(r.get("macro_f1")) for r in rs]),
             "failed": _failed_rate(rs)}
+
+
+COLUMN_TITLES = {
+    "accuracy": "accuracy", "macro_f1": "macro-F1", "grad_cv": "|g| CV", "grad_spike": "|g| spike",
+    "applied_cv": "applied CV", "applied_spike": "applied spike", "update_cos": "cos(Δt,Δt-1)",
+    "ref_cos": "cos(g,ref)",
+}
+
+
+def _fmt(mu: float, sd: float, pct: bool) -> str:
+    if not math.isfinite(mu):
+        return "—"
+    return f"{100 * mu:.1f} ± {100 * sd:.1f}" if pct else f"{mu:.2f} ± {sd:.2f}"
+
+
+def results_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] = METRIC_COLUMNS) -> str:
+    """A Markdown table of mean ± std over seeds, one line per task, K, strategy and lr."""
+    agg = aggregate(rows)
+    head = ["task", "K", "strategy", "lr", "seeds"] + [COLUMN_TITLES[c] for c in columns]
+    lines = []
+    for (task, k, strategy, lr), figs in agg.items():
+        n = max(figs[c][2] for c in columns)
+        cells = [_fmt(figs[c][0], figs[c][1], c in ("accuracy", "macro_f1")) for c in columns]
+        lines.append([task, str(k), strategy, f"{lr:g}" if lr is not None else "—", str(n)] + cells)
+    return markdown_table(head, lines)
+
+
+def retention_table(rows: Sequence[dict[str, Any]], baseline: str = "pretrained") -> str:
+    """A Markdown table of in-context accuracy (%) per retention task and strategy, and the
+    drop against the ``baseline`` row (``pretrained - tuned``, in points; mean over seeds)."""
+    rows = [r for r in rows if r.get("retention")]
+    if not rows:
+        return ""
+    tasks = sorted({t for r in rows for t in r["retention"]})
+    by_strategy: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_strategy.setdefault(r["strategy"], []).append(r)
+    mean = {s: {t: metrics.mean_std([r["retention"][t] for r in rs if t in r["retention"]])[0] for t in tasks}
+            for s, rs in by_strategy.items()}
+    base = mean.get(baseline)
+    head = ["strategy", "seeds"] + tasks + ["mean", "drop vs " + baseline if base else ""]
+    lines = ["| " + " | ".join(h for h in head if h) + " |", "|" + "---|" * len([h for h in head if h])]
+    for s, rs in by_strategy.items():
+        avg = sum(mean[s].values()) / len(tasks)
+        cells = [f"{100 * mean[s][t]:.1f}" for t in tasks] + [f"{100 * avg:.1f}"]
+        if base:
+            cells.append(f"{100 * (sum(base.values()) / len(tasks) - avg):+.1f}")
+        lines.append("| " + " | ".join([s, str(len(rs))] + cells) + " |")
+    return "\n".join(lines)
