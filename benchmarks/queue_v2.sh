@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The protocol v2 queue (issues 10 and 14): one stream, one thread, resumable.
+# Every step skips the runs already in the results file, so rerunning this script
+# after a stop picks up where it was. Order: the comparisons that need the most pairs
+# first (seeds 0-1 of every row), then the default candidates, then seed 2.
+#   nohup bash benchmarks/queue_v2.sh > /tmp/queue_v2.log 2>&1 &
+set -euo pipefail
+TASKS=vader-amazon,vader-nyt,vader-tweets,rt-polarity,rt-subjectivity,bbc-topic
+COMMON=(--tasks "$TASKS" --shots 16 --lrs 2e-5,5e-5,1e-4,2e-4 --threads 1
+        --results benchmarks/results/protocol_v2.jsonl)
+MAIN=adamw,adamw-clip,cone-ema,cone-source,cone-kshot,lp-ft,setfit
+CANDIDATES=adamw,project-ema,cone-ema-w3
+sgg-optim bench "${COMMON[@]}" --seeds 2 --strategies "$MAIN"
+sgg-optim bench "${COMMON[@]}" --seeds 2 --strategies "$CANDIDATES"
+sgg-optim bench "${COMMON[@]}" --seeds 1 --first-seed 2 --strategies "$MAIN,project-ema,cone-ema-w3"
