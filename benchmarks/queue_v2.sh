@@ -4,12 +4,18 @@
 # after a stop picks up where it was. Order: the comparisons that need the most pairs
 # first (seeds 0-1 of every row), then the default candidates, then seed 2.
 #   nohup bash benchmarks/queue_v2.sh > /tmp/queue_v2.log 2>&1 &
+# With SGG_TREE=DIR the code comes from that checkout (a `git worktree` at a fixed
+# commit), so edits to the working tree cannot reach a queue that runs for hours; the
+# results still go to this checkout's file.
 set -euo pipefail
+HERE=$(cd "$(dirname "$0")/.." && pwd)
+TREE=${SGG_TREE:-$HERE}
+bench() { (cd "$TREE" && python -m sgg_optim.fewshot.cli bench "$@"); }
 TASKS=vader-amazon,vader-nyt,vader-tweets,rt-polarity,rt-subjectivity,bbc-topic
 COMMON=(--tasks "$TASKS" --shots 16 --lrs 2e-5,5e-5,1e-4,2e-4 --threads 1
-        --results benchmarks/results/protocol_v2.jsonl)
+        --results "$HERE/benchmarks/results/protocol_v2.jsonl")
 MAIN=adamw,adamw-clip,cone-ema,cone-source,cone-kshot,lp-ft,setfit
 CANDIDATES=adamw,project-ema,cone-ema-w3
-sgg-optim bench "${COMMON[@]}" --seeds 2 --strategies "$MAIN"
-sgg-optim bench "${COMMON[@]}" --seeds 2 --strategies "$CANDIDATES"
-sgg-optim bench "${COMMON[@]}" --seeds 1 --first-seed 2 --strategies "$MAIN,project-ema,cone-ema-w3"
+bench "${COMMON[@]}" --seeds 2 --strategies "$MAIN"
+bench "${COMMON[@]}" --seeds 2 --strategies "$CANDIDATES"
+bench "${COMMON[@]}" --seeds 1 --first-seed 2 --strategies "$MAIN,project-ema,cone-ema-w3"
