@@ -229,13 +229,56 @@ def test_protocol_report_tables_render_and_pair_against_adamw():
     assert per[("good", 2e-4)]["vs_baseline"].mean == pytest.approx(0.05)
     report = results.protocol_report(rows, resamples=500)
     tables = [block for block in report.split("\n\n") if block.startswith("|")]
-    assert len(tables) == 3
+    assert len(tables) == 4
     for table in tables:
         widths = {len(line.replace("\\|", "")) - len(line.replace("\\|", "").replace("|", ""))
                   for line in table.splitlines()}
         assert len(widths) == 1  # every line has as many cell borders as the header
     assert "| good | 12 | 75.0 |" in report and "helps" in report
     assert "+5.0 [" in report
+
+
+def _candidate_rows(diffs, *, eval_flip=False, by_seed=None):
+    """Six tasks x 2 seeds of adamw and the given {row: validation difference} at one lr;
+    eval accuracy moves against validation when ``eval_flip`` (it must not change a choice)."""
+    rows = []
+    for i in range(6):
+        for seed in range(2):
+            base = 0.70 + 0.01 * ((i + seed) % 3)
+            rows.append(_row(f"t{i}", seed, "adamw", 1e-4, base, base))
+            for name, d in diffs.items():
+                dv = d + 0.002 * ((i * 3 + seed) % 4 - 1.5)  # a spread, so intervals are not points
+                if by_seed is not None and name in by_seed:
+                    dv = by_seed[name][seed]
+                acc = base - dv if eval_flip else base + dv
+                rows.append(_row(f"t{i}", seed, name, 1e-4, base + dv, acc))
+    return rows
+
+
+def test_choose_defaults_follows_the_written_rule_on_validation_only():
+    # step 1: the qualifier with the largest validation gain wins, whatever eval says
+    rows = _candidate_rows({"cone-ema": 0.0, "project-ema": 0.03, "adaptive": 0.01}, eval_flip=True)
+    d = results.choose_defaults(rows, resamples=500)
+    assert (d["choice"], d["step"]) == ("project-ema", 1)
+    # a row that helps on the mean but whose worst seed is 2 points below AdamW's is out
+    rows = _candidate_rows({"cone-ema": 0.0, "project-ema": 0.0, "adaptive": 0.01},
+                           by_seed={"project-ema": (0.14, -0.02)})
+    recs = {r["strategy"]: r for r in results.on_validation(rows, resamples=500)}
+    assert recs["project-ema"]["vs_baseline"].verdict == "helps"
+    assert recs["project-ema"]["vs_baseline"].mean > recs["adaptive"]["vs_baseline"].mean
+    assert results.choose_defaults(rows, resamples=500)["choice"] == "adaptive"
+    # step 2: nothing helps and today's defaults hurt: the highest lower bound, pass-through included
+    rows = _candidate_rows({"cone-ema": -0.03, "project-ema": -0.01})
+    d = results.choose_defaults(rows, resamples=500)
+    assert (d["choice"], d["step"]) == ("adamw", 2)
+    rows = _candidate_rows({"cone-ema": -0.03, "project-ema": 0.0})
+    d = results.choose_defaults(rows, resamples=500)
+    assert d["step"] == 2 and d["choice"] in ("project-ema", "adamw")
+    # step 3: nothing helps, nothing hurts: the defaults stay
+    rows = _candidate_rows({"cone-ema": 0.0, "project-ema": 0.0})
+    d = results.choose_defaults(rows, resamples=500)
+    assert (d["choice"], d["step"]) == ("cone-ema", 3)
+    assert "Defaults by the written rule (step 3): `cone-ema`" in results.protocol_report(rows, resamples=500)
 
 
 def test_bench_report_prints_the_protocol_tables(tmp_path, toy_task, capsys):

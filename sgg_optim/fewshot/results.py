@@ -252,11 +252,11 @@ def paired(rows: Mapping[tuple, Mapping[str, Any]], baseline: Mapping[tuple, Map
     return Paired(sum(diffs) / len(diffs), lo, hi, len(diffs))
 
 
-def _worst_seed(by_pair: Mapping[tuple, Mapping[str, Any]]) -> float:
-    """Per (task, K): the lowest accuracy over seeds; the mean over (task, K)."""
+def _worst_seed(by_pair: Mapping[tuple, Mapping[str, Any]], metric: str = "accuracy") -> float:
+    """Per (task, K): the lowest ``metric`` over seeds; the mean over (task, K)."""
     worst: dict[tuple, float] = {}
     for (task, k, _), r in by_pair.items():
-        a = _num(r.get("accuracy"))
+        a = _num(r.get(metric))
         worst[(task, k)] = min(worst.get((task, k), a), a)
     return metrics.nanmean(list(worst.values()))
 
@@ -356,6 +356,88 @@ def over_sweep(rows: Iterable[Mapping[str, Any]], near: float = NEAR_BEST) -> li
     return out
 
 
+# ------------------------------------------------ choices made on validation
+
+# The rule of benchmarks/results/protocol_v2.md ("Rule for the defaults"), written before
+# the data it decides on: the defaults are what GuidedAdamW does with no reference (the
+# EMA reference), so these rows are the candidates; ``adamw`` is pass-through.
+DEFAULT_CANDIDATES = ("cone-ema", "adaptive", "project-ema", "cone-ema-w3")
+CURRENT_DEFAULTS = "cone-ema"
+WORST_SEED_MARGIN = 0.01  # a qualifier's validation worst seed may be at most 1 point below the baseline's
+
+
+def on_validation(rows: Iterable[Mapping[str, Any]], baseline: str = "adamw",
+                  lrs: Optional[Mapping[str, Sequence[float]]] = None, **bootstrap: Any) -> list[dict[str, Any]]:
+    """One record per row, from validation accuracy only: each row at its own
+    validation-chosen lr, the paired difference of *validation* accuracy against
+    ``baseline`` at its chosen lr, and the worst seed of both over the same pairs.
+    The baseline compares with itself as pass-through (a zero difference).
+    """
+    chosen = choose_lr(list(rows), lrs)
+    by_strategy: dict[str, dict[tuple, Mapping[str, Any]]] = defaultdict(dict)
+    for key, r in chosen.items():
+        by_strategy[key[-1]][key[:-1]] = r
+    base = by_strategy.get(baseline, {})
+    out = []
+    for s, by_pair in by_strategy.items():
+        common = {p: by_pair[p] for p in by_pair if p in base}
+        if not common:
+            continue
+        out.append({
+            "strategy": s, "n": len(common),
+            "val_acc": metrics.nanmean([val_accuracy(r) for r in common.values()]),
+            "vs_baseline": paired(common, base, metric="val_acc", **bootstrap),
+            "worst_seed": _worst_seed(common, "val_acc"),
+            "baseline_worst_seed": _worst_seed({p: base[p] for p in common}, "val_acc"),
+        })
+    return out
+
+
+def choose_defaults(rows: Iterable[Mapping[str, Any]], candidates: Sequence[str] = DEFAULT_CANDIDATES,
+                    current: str = CURRENT_DEFAULTS, baseline: str = "adamw",
+                    margin: float = WORST_SEED_MARGIN, **bootstrap: Any) -> dict[str, Any]:
+    """The defaults by the rule written before the data (validation accuracy only).
+
+    1. A candidate *qualifies* if its paired validation interval against ``baseline``
+       excludes 0 in its favour (at least ``MIN_PAIRS`` pairs) and its validation worst
+       seed is at most ``margin`` below the baseline's; the qualifier with the largest
+       mean difference wins.
+    2. Else, if ``current`` hurts (its interval excludes 0 against it), the candidate,
+       pass-through (``baseline``) included, whose interval has the highest lower bound.
+    3. Else ``current`` stays.
+
+    Returns ``{"choice", "step", "reason", "records"}``.
+
+    >>> rows = [{"task": f"t{i}", "k": 16, "seed": 0, "strategy": s, "lr": 1e-4, "val_acc": v}
+    ...         for i in range(6) for s, v in (("adamw", 0.70), ("cone-ema", 0.70), ("project-ema", 0.74 + i / 100))]
+    >>> choose_defaults(rows)["choice"]
+    'project-ema'
+    """
+    recs = {r["strategy"]: r for r in on_validation(rows, baseline, **bootstrap)}
+    cands = [recs[c] for c in candidates if c in recs and c != baseline]
+    qualified = [r for r in cands if r["vs_baseline"].verdict == "helps"
+                 and r["worst_seed"] >= r["baseline_worst_seed"] - margin - 1e-12]
+    if qualified:
+        best = max(qualified, key=lambda r: r["vs_baseline"].mean)
+        return {"choice": best["strategy"], "step": 1, "records": cands,
+                "reason": f"{best['strategy']} helps on validation ({_ci(best['vs_baseline'])}) "
+                          f"and its worst seed is within {100 * margin:.0f} point of {baseline}'s"}
+    cur = recs.get(current)
+    if cur is not None and cur["vs_baseline"].verdict == "hurts":
+        pool = cands + ([recs[baseline]] if baseline in recs else [])
+        best = max(pool, key=lambda r: r["vs_baseline"].lo if r["strategy"] != baseline else 0.0)
+        return {"choice": best["strategy"], "step": 2, "records": cands,
+                "reason": f"no candidate helps on validation and {current} hurts ({_ci(cur['vs_baseline'])}); "
+                          f"{best['strategy']} has the highest lower bound"}
+    return {"choice": current, "step": 3, "records": cands,
+            "reason": f"no candidate helps on validation and {current} does not hurt"
+                      + (f" ({_ci(cur['vs_baseline'])})" if cur is not None else " (not run)")}
+
+
+def _ci(p: Paired) -> str:
+    return f"{100 * p.mean:+.1f} [{100 * p.lo:+.1f}, {100 * p.hi:+.1f}] points, n={p.n}"
+
+
 # ---------------------------------------------------------------- Markdown
 
 def md_escape(text: str) -> str:
@@ -421,6 +503,16 @@ def protocol_report(rows: Iterable[Mapping[str, Any]], baseline: str = "adamw",
         [[r["strategy"], str(r["n"]), str(r["lrs"]), _pct(r["accuracy"]), _pct(r["worst_run"]),
           _pct(r["failed"], 0) + "%", f"{r['near_best']} of {r['lrs']}", f"{r['best_lr']:g}",
           _f(r["applied_cv"]), _f(r["applied_spike"]), _f(r["update_cos"])] for r in over_sweep(rows)]))
+    parts.append("\nOn validation only (what the choices below are made on; each row at its chosen lr, "
+                 "validation accuracy):\n")
+    parts.append(markdown_table(
+        ["row", "pairs", "val accuracy", f"Δ val vs {b} [95% CI]", "verdict", "val worst seed",
+         f"{b} val worst seed"],
+        [[r["strategy"], str(r["n"]), _pct(r["val_acc"])] + _diff(r["vs_baseline"] if r["strategy"] != b else None)
+         + [_pct(r["worst_seed"]), _pct(r["baseline_worst_seed"])] for r in on_validation(rows, b, lrs, **bootstrap)]))
+    if b == "adamw" and any(r["strategy"] in DEFAULT_CANDIDATES for r in rows):
+        d = choose_defaults(rows, baseline=b, **bootstrap)
+        parts.append(f"\n**Defaults by the written rule (step {d['step']}): `{d['choice']}`**: {d['reason']}.")
     parts.append(f"\npairs: (task, K, seed) runs; Δ: mean paired difference against {b} over the pairs both "
                  f"have, in points, with a percentile-bootstrap 95% interval ({BOOTSTRAP_RESAMPLES} resamples, "
                  f"seeded); verdict: helps / hurts when the interval excludes 0, n.s. otherwise, — under {MIN_PAIRS} pairs. "
