@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from . import assets
-from .results import (ResultsFile, cell_key, protocol_report, results_table,  # noqa: F401 (re-exported)
+from .results import (ResultsFile, cell_key, forgetting_table, protocol_report, results_table,  # noqa: F401 (re-exported)
                       retention_table)
 
 MODEL_NAME = "minilm"
@@ -169,8 +169,9 @@ def run_grid(tasks: Sequence[str], strategies: Sequence[str], shots: Sequence[in
     ``lrs`` overrides every strategy's ``lr_grid`` (a strategy that does not train runs
     once, at lr 0). A ``*-source`` strategy is skipped, with one printed line, on a task
     whose label count differs from the source's. ``sources`` are the tasks of
-    ``*-sources`` rows; ``retention`` the tasks on which each tuned causal LM's in-context
-    accuracy is measured (empty: not measured). ``run=False`` runs nothing and returns the
+    ``*-sources`` rows; ``retention`` the tasks on which forgetting is measured (a causal
+    LM's in-context accuracy, an encoder's accuracy through a frozen head fitted on the
+    untuned encoder; empty: not measured). ``run=False`` runs nothing and returns the
     rows already in ``store``. Runs go in :func:`grid_order`.
 
     ``tasks`` are built-in task names or :class:`~.tasks.Task` objects (a user's data,
@@ -245,7 +246,7 @@ def run_grid(tasks: Sequence[str], strategies: Sequence[str], shots: Sequence[in
             store.append(row)
             done += 1
             extra = "".join(f", {n} weight {w:.2f}" for n, w in row.get("source_weights", {}).items())
-            extra += "".join(f", ICL {n} {100 * a:.1f}" for n, a in row.get("retention", {}).items())
+            extra += "".join(f", kept {n} {100 * a:.1f}" for n, a in row.get("retention", {}).items())
             bar.clear()
             _say(f"  {sname:>14} seed {seed} lr {row['lr']:g}: accuracy {100 * row['accuracy']:.1f}, "
                  f"validation {100 * row['val_acc']:.1f}, macro-F1 {100 * row['macro_f1']:.1f}, "
@@ -350,9 +351,11 @@ def bench(args: argparse.Namespace) -> int:
              f"{', '.join(dict.fromkeys(r['task'] for r in rows if r['k'] == k))}):\n")
         _say(protocol_report(with_majority([r for r in rows if int(r["k"]) == k]), baseline=args.baseline))
     if any(r.get("retention") for r in rows):
-        _say(f"\nIn-context accuracy (%) after tuning, {args.retention_k} demonstrations, and its drop against "
-             "the pretrained model:\n")
-        _say(retention_table(rows))
+        what = (f"in-context accuracy, {args.retention_k} demonstrations" if args.model == "smollm2"
+                else "accuracy through a head fitted on the untuned encoder and frozen")
+        _say(f"\nRetention ({what}), at each row's validation-chosen lr, and its drop against the untuned "
+             "model (`pretrained` rows):\n")
+        _say(forgetting_table(rows) or retention_table(rows))
     if args.plot:
         from .plots import comparison_plot
 
@@ -552,8 +555,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", default=MODEL_NAME, choices=MODELS,
                    help="minilm: encoder + fresh head; smollm2: causal LM scored by label words")
     b.add_argument("--sources", default=SOURCES, help="source tasks of the *-sources rows (the target is left out)")
-    b.add_argument("--retention", default="", help=f"smollm2: in-context accuracy after tuning on these tasks "
-                   f"(e.g. {RETENTION})")
+    b.add_argument("--retention", default="", help=f"tasks to measure forgetting on, with a `pretrained` row "
+                   f"for the before figure: smollm2, in-context accuracy after tuning (e.g. {RETENTION}); "
+                   "an encoder, accuracy through a head fitted on the untuned encoder and frozen")
     b.add_argument("--retention-n", type=int, default=100, help="eval texts per retention task")
     b.add_argument("--retention-k", type=int, default=4, help="demonstrations per retention prompt")
     b.add_argument("--results", default="benchmarks/results/fewshot_bench.jsonl",

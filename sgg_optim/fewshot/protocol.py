@@ -154,6 +154,20 @@ def _rebind(reference: Any, model: nn.Module) -> Any:
     return reference
 
 
+def _retention_heads(model: nn.Module, tok: Any, tasks: Sequence[Task], cfg: RunConfig) -> Optional[list]:
+    """For an encoder, the frozen heads that measure retention on ``tasks``, fitted on the
+    untuned model (:mod:`sgg_optim.methods.frozen_head`); None for a causal LM, whose
+    retention is its in-context accuracy (:mod:`sgg_optim.methods.retention`)."""
+    from ..methods.incontext import VerbalizerLM
+
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(model, VerbalizerLM) or out is not None:
+        return None
+    from ..methods.frozen_head import pretrained_heads
+
+    return pretrained_heads(model, tok, tasks, max_length=cfg.max_length)
+
+
 def majority_rate(labels: Sequence[int]) -> float:
     """The accuracy of always predicting the most frequent class.
 
@@ -175,9 +189,11 @@ def run_cell(task: Task, strategy: Strategy, k: int, seed: int, factory: ModelFa
     The lr is chosen later, from these rows, on ``val_acc`` (:func:`.results.choose_lr`);
     ``accuracy`` and ``macro_f1`` are on the task's eval split, which no choice looks at.
     ``source`` is the task of ``*-source`` and ``*-icl`` references, ``sources`` those of
-    ``*-sources`` rows. With ``retention`` tasks (causal LMs only) the row also holds the
-    tuned model's in-context accuracy on ``retention_n`` eval texts of each, with
-    ``retention_k`` demonstrations (:mod:`sgg_optim.methods.retention`).
+    ``*-sources`` rows. With ``retention`` tasks the row also holds what the tuned model
+    keeps of each, on ``retention_n`` eval texts: a causal LM's in-context accuracy with
+    ``retention_k`` demonstrations (:mod:`sgg_optim.methods.retention`); an encoder's
+    accuracy through a head fitted on the untuned encoder and frozen
+    (:mod:`sgg_optim.methods.frozen_head`).
 
     ``initial``: a dict shared by the calls of one (task, strategy, K, seed) at several
     lrs (:func:`run_lrs`). The reference is captured at the model's initial point, which
@@ -192,6 +208,7 @@ def run_cell(task: Task, strategy: Strategy, k: int, seed: int, factory: ModelFa
         raise ValueError(f"{strategy.name} trains: run_cell needs its lr")
     lr = float(lr) if strategy.train else 0.0  # type: ignore[arg-type]
     model, tok = _fresh_model(factory, task, strategy, seed)
+    heads = _retention_heads(model, tok, retention, cfg) if retention else None
     if strategy.prepare is not None:
         if strategy.own_loop and strategy.guidance is not None and strategy.reference != "ema":
             raise ValueError(f"{strategy.name}: a row that trains itself guides toward its own EMA reference only")
@@ -226,7 +243,12 @@ def run_cell(task: Task, strategy: Strategy, k: int, seed: int, factory: ModelFa
     if "weights" in trace:
         w = torch.tensor(trace["weights"], dtype=torch.float64)
         row["source_weights"] = dict(zip((s.name for s in sources), w.mean(0).tolist()))
-    if retention:
+    if heads is not None:
+        from ..methods.frozen_head import head_accuracy
+
+        row["retention"] = {t.name: head_accuracy(model, tok, t, h, max_length=cfg.max_length, n_eval=retention_n)
+                            for t, h in zip(retention, heads)}
+    elif retention:
         from ..methods.retention import retention_lm, retention_report
 
         row["retention"] = retention_report(retention_lm(model), getattr(tok, "tokenizer", tok), retention,

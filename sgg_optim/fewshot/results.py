@@ -434,6 +434,64 @@ def choose_defaults(rows: Iterable[Mapping[str, Any]], candidates: Sequence[str]
                       + (f" ({_ci(cur['vs_baseline'])})" if cur is not None else " (not run)")}
 
 
+def forgetting(rows: Iterable[Mapping[str, Any]], baseline: str = "pretrained", compare_to: str = "adamw",
+               lrs: Optional[Mapping[str, Sequence[float]]] = None, **bootstrap: Any) -> list[dict[str, Any]]:
+    """What tuning cost elsewhere: per row (at its validation-chosen lr) and retention task,
+    the figure after tuning, the drop against ``baseline`` (the untuned model: ``before -
+    after``, paired over (task, K, seed)) with its bootstrap interval, and the difference
+    of drops against ``compare_to`` (negative: this row forgets less).
+
+    >>> rows = [{"task": "t", "k": 4, "seed": s, "strategy": n, "lr": 1e-4 if n != "pretrained" else 0.0,
+    ...          "val_acc": 0.5, "retention": {"src": a + s / 100}}
+    ...         for s in range(5) for n, a in (("pretrained", 0.9), ("adamw", 0.7), ("kind", 0.8))]
+    >>> [(r["strategy"], round(r["drop"].mean, 2), r["vs"] and round(r["vs"].mean, 2)) for r in forgetting(rows)]
+    [('adamw', 0.2, None), ('kind', 0.1, -0.1)]
+    """
+    rows = [r for r in rows if r.get("retention")]
+    chosen = choose_lr(rows, lrs)
+    by_strategy: dict[str, dict[tuple, Mapping[str, Any]]] = defaultdict(dict)
+    for key, r in chosen.items():
+        by_strategy[key[-1]][key[:-1]] = r
+    before = by_strategy.get(baseline, {})
+    tasks = sorted({t for r in rows for t in r["retention"]})
+
+    def drops(by_pair: Mapping[tuple, Mapping[str, Any]], t: str) -> dict[tuple, dict[str, float]]:
+        return {p: {"d": _num(before[p]["retention"].get(t)) - _num(r["retention"].get(t))}
+                for p, r in by_pair.items() if p in before and t in r["retention"]}
+
+    out = []
+    for s, by_pair in by_strategy.items():
+        if s == baseline:
+            continue
+        for t in tasks:
+            mine = drops(by_pair, t)
+            if not mine:
+                continue
+            ref = drops(by_strategy.get(compare_to, {}), t)
+            zero = {p: {"d": 0.0} for p in mine}
+            out.append({
+                "strategy": s, "task": t, "n": len(mine),
+                "before": metrics.nanmean([_num(before[p]["retention"].get(t)) for p in mine]),
+                "after": metrics.nanmean([_num(by_pair[p]["retention"].get(t)) for p in mine]),
+                "drop": paired(mine, zero, metric="d", **bootstrap),
+                "vs": paired(mine, ref, metric="d", **bootstrap) if ref and s != compare_to else None,
+            })
+    return out
+
+
+def forgetting_table(rows: Iterable[Mapping[str, Any]], baseline: str = "pretrained", compare_to: str = "adamw",
+                     **bootstrap: Any) -> str:
+    """:func:`forgetting` as Markdown (accuracy in %, drops in points); empty without retention rows."""
+    recs = forgetting(rows, baseline, compare_to, **bootstrap)
+    if not recs:
+        return ""
+    return markdown_table(
+        ["row", "retention task", "pairs", f"{baseline}", "after tuning", "drop [95% CI]",
+         f"drop - {compare_to}'s drop [95% CI]", "verdict"],
+        [[r["strategy"], r["task"], str(r["n"]), _pct(r["before"]), _pct(r["after"])] + _diff(r["drop"])[:1]
+         + (_diff(r["vs"]) if r["vs"] is not None else ["—", "—"]) for r in recs])
+
+
 def _ci(p: Paired) -> str:
     return f"{100 * p.mean:+.1f} [{100 * p.lo:+.1f}, {100 * p.hi:+.1f}] points, n={p.n}"
 
