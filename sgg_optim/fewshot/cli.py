@@ -76,16 +76,19 @@ def keep_freed_memory() -> bool:
 
 
 def with_majority(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``rows``, each with ``eval_majority`` (the eval split's majority-class rate, which the
-    failed-run rate needs); rows written before protocol v2 get it from their task."""
+    """``rows``, each with ``eval_majority`` (the eval split's majority-class rate) and
+    ``num_labels``, which the failed-run rate needs; rows written without them get them
+    from their (built-in) task."""
     from .protocol import majority_rate
     from .tasks import load_task
 
     out = []
     for r in rows:
-        if r.get("eval_majority") is None:
+        if r.get("eval_majority") is None or r.get("num_labels") is None:
             try:
-                r = {**r, "eval_majority": majority_rate(list(load_task(r["task"]).eval_labels))}
+                task = load_task(r["task"])
+                known = {"eval_majority": majority_rate(list(task.eval_labels)), "num_labels": task.num_labels}
+                r = {**r, **{k: v for k, v in known.items() if r.get(k) is None}}
             except (KeyError, assets.AssetError):
                 pass
         out.append(r)

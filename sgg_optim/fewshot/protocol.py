@@ -236,7 +236,7 @@ def run_cell(task: Task, strategy: Strategy, k: int, seed: int, factory: ModelFa
         "val_f1": metrics.macro_f1(va_labels, va_pred, task.num_labels),
         "accuracy": metrics.accuracy(task.eval_labels, pred),
         "macro_f1": metrics.macro_f1(task.eval_labels, pred, task.num_labels),
-        "eval_majority": majority_rate(list(task.eval_labels)),
+        "eval_majority": majority_rate(list(task.eval_labels)), "num_labels": task.num_labels,
         **metrics.trace_summary(trace),
         "trace": trace,
     }
