@@ -73,14 +73,14 @@ def main() -> None:
 
     import torch
 
-    from sgg_optim.fewshot import cli, protocol, training
+    from sgg_optim.fewshot import cli, grid, protocol, training
     from sgg_optim.fewshot.strategies import get_strategy
     from sgg_optim.fewshot.tasks import load_task
 
     torch.set_num_threads(args.threads)
     cli._quiet_libraries()
     tuned = False if args.default_malloc else cli.keep_freed_memory()
-    factory = cli.model_factory("minilm")
+    factory = grid.model_factory("minilm")
     task, strategy = load_task(args.task), get_strategy(args.strategy)
     source = load_task(protocol.SOURCE_TASK) if strategy.reference in ("source", "icl") else None
     cfg = training.RunConfig(steps=30)

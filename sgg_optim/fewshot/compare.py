@@ -95,12 +95,12 @@ def compare(task: Task, model: str | Callable[[Any], Any], strategies: Sequence[
     of ``lrs`` and ``seeds`` seeds, ``steps`` steps each; rows, report and plot in ``out``.
 
     ``model`` is ``"minilm"``, ``"smollm2"``, a local model folder
-    (:func:`.cli.model_factory`) or a factory ``task -> (model, tokenizer)`` (then
+    (:func:`.grid.model_factory`) or a factory ``task -> (model, tokenizer)`` (then
     ``model_name`` names it in the results). Inputs are checked before anything trains:
     the strategies, the shots per class (:func:`.data.check_shots`). ``command`` is
     written into the report (the CLI passes the command line).
     """
-    from . import cli
+    from . import grid
     from .data import check_shots
 
     strats = check_strategies(strategies, source)
@@ -112,13 +112,13 @@ def compare(task: Task, model: str | Callable[[Any], Any], strategies: Sequence[
     if callable(model):
         factory, name = model, model_name or getattr(model, "__name__", "custom")
     else:
-        factory, name = cli.model_factory(str(model), label_words=label_words), model_name or str(model)
+        factory, name = grid.model_factory(str(model), label_words=label_words), model_name or str(model)
     store = ResultsFile(out / "results.jsonl")
-    say = cli._say if verbose else (lambda _msg: None)
+    say = grid._say if verbose else (lambda _msg: None)
     if verbose:
         say(f"{task.name}: {task.description or ''}\nlabels: {', '.join(task.label_names)}; "
             f"{len(task.train_texts)} training-pool examples, {len(task.eval_texts)} test examples")
-    rows = cli.run_grid([task], [s.name for s in strats], [shots], list(range(seeds)), steps, store,
+    rows = grid.run_grid([task], [s.name for s in strats], [shots], list(range(seeds)), steps, store,
                         lrs=[float(x) for x in lrs], explain=verbose, factory=factory, model=name,
                         source=source)
     pick = pick_setting(rows)
@@ -150,7 +150,7 @@ def pick_line(pick: Optional[dict[str, Any]]) -> str:
 def write_report(rows: Sequence[dict[str, Any]], task: Task, out: Path, pick: Optional[dict[str, Any]], *,
                  command: str, model: str, shots: int, steps: int, baseline: str = "adamw") -> str:
     """``out/report.md``: the command, the data, the pick, the summary and protocol tables."""
-    from .cli import with_majority
+    from .grid import with_majority
 
     parts = [f"# sgg-optim compare: {task.name}", ""]
     if command:
