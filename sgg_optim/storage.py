@@ -1,4 +1,9 @@
-"""How one reference tensor is stored: fp32, bf16, or int8 blockwise (bitsandbytes).
+"""How one reference tensor is stored: fp32, bf16, or int8 blockwise.
+
+int8 is a linear grid with one absmax scale per block (:class:`LinearInt8Store`,
+plain torch ops). States saved with bitsandbytes' dynamic code book
+(:class:`Int8Store`, the int8 code before the linear grid was measured faster at the
+same error: ``benchmarks/results/int8_store.md``) still load, and need bitsandbytes.
 
 Each store exposes the three operations the guidance passes need: a dot product
 with a gradient, ``g += b * r``, and the EMA update ``r += w (g - r)``. Low-precision
@@ -24,8 +29,9 @@ def _bnb_functional():  # type: ignore[no-untyped-def]
         import bitsandbytes.functional as F
     except ImportError as e:  # pragma: no cover - exercised only without bitsandbytes
         raise ImportError(
-            "reference_dtype='int8' uses bitsandbytes' blockwise quantisation: "
-            "pip install 'sgg-optim[bnb]'"
+            "this int8 reference was saved with bitsandbytes' dynamic code book, which needs "
+            "bitsandbytes to read: pip install 'sgg-optim[bnb]' (new int8 references use a "
+            "linear grid and do not need it)"
         ) from e
     return F
 
@@ -121,12 +127,16 @@ def _dynamic_map(device: torch.device) -> Tensor:
 
 
 class Int8Store:
-    """A reference quantised blockwise to int8 (absmax per block of 4096), as bnb does.
+    """A reference quantised blockwise with bitsandbytes' dynamic 8-bit code (absmax per
+    block of 4096): the int8 code of earlier versions, kept so that their saved states
+    and reference files load (needs bitsandbytes). New int8 references are
+    :class:`LinearInt8Store`.
 
     Costs 1 byte per element plus 4 bytes per block (about 1.001 B/param).
     """
 
     def __init__(self, codes: Tensor, absmax: Tensor, shape: torch.Size) -> None:
+        _bnb_functional()  # without bitsandbytes, fail here (at load) rather than at a later step
         self.codes, self.absmax, self._shape = codes, absmax, torch.Size(shape)
         self._code = _dynamic_map(codes.device)
 
@@ -341,9 +351,11 @@ class LinearInt8Store:
 Store = Union[DenseStore, Int8Store, LinearInt8Store]
 Int8Kind = Union[type[Int8Store], type[LinearInt8Store]]
 # The two int8 codes: bitsandbytes' dynamic code book and a linear grid. New int8
-# references use INT8; states of either kind load (benchmarks/int8_store.py compares them).
+# references use INT8; a saved state names its kind by its tensors ("absmax": dynamic,
+# "scale": linear) and loads as that kind. The linear grid won on measurement
+# (benchmarks/results/int8_store.md: the same cosine error, faster, no bitsandbytes).
 INT8_CODES: dict[str, Int8Kind] = {"dynamic": Int8Store, "linear": LinearInt8Store}
-INT8: Int8Kind = Int8Store
+INT8: Int8Kind = LinearInt8Store
 
 
 def make_store(x: Tensor, storage: str) -> Store:

@@ -17,6 +17,7 @@ from transformers import (BertConfig, BertForSequenceClassification, LlamaConfig
                           PreTrainedTokenizerFast)
 from transformers.modeling_outputs import SequenceClassifierOutput  # noqa: E402
 
+from sgg_optim.fewshot.training import RunConfig  # noqa: E402
 from sgg_optim import GuidedAdamW  # noqa: E402
 from sgg_optim.methods.promot import (attach_prompt, prepare_promot, promot, prompt_model, train_model,  # noqa: E402
                                       train_prompt, without_prompt)
@@ -201,7 +202,7 @@ def ctx_for(model_tok, seed: int = 3, steps: int = 3):
     task = SimpleNamespace(name="toy", label_names=("neg", "pos"), num_labels=2, train_texts=TEXTS,
                            train_labels=LABELS, eval_texts=TEXTS, eval_labels=LABELS)
     return SimpleNamespace(tokenizer=model_tok, task=task, train_texts=TEXTS[:6], train_labels=LABELS[:6],
-                           cfg=SimpleNamespace(steps=steps, batch_size=4, max_length=16), seed=seed, lr=1e-3)
+                           cfg=RunConfig(steps=steps, batch_size=4, max_length=16), seed=seed, lr=1e-3)
 
 
 def test_prepare_promot_runs_stage1_and_readies_stage2():

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
-from sgg_optim.storage import _CHUNK, LINEAR_BLOCKSIZE, INT8_CODES, LinearInt8Store, make_store, store_from_state
+from sgg_optim.storage import (
+    _CHUNK,
+    INT8_CODES,
+    LINEAR_BLOCKSIZE,
+    LinearInt8Store,
+    make_store,
+    store_from_state,
+    zeros_store,
+)
 
 SIZES = [0, 5, LINEAR_BLOCKSIZE, 3 * LINEAR_BLOCKSIZE + 17, _CHUNK + LINEAR_BLOCKSIZE + 3]
 
@@ -64,7 +74,50 @@ def test_state_round_trip_and_validation_for_both_codes():
                          "int8")
 
 
-def test_make_store_int8_uses_the_selected_code():
+def test_int8_references_use_the_linear_grid():
+    """reference_dtype="int8" means the linear grid (benchmarks/results/int8_store.md):
+    new references, EMA starts and their saved state are all the linear kind."""
     from sgg_optim import storage
 
-    assert isinstance(make_store(_x(10), "int8"), storage.INT8)
+    assert storage.INT8 is LinearInt8Store
+    x = _x(3000)
+    made, zero = make_store(x, "int8"), zeros_store(x, "int8")
+    assert type(made) is LinearInt8Store and type(zero) is LinearInt8Store
+    assert {n: t.dtype for n, t in made.state().items()} == {"codes": torch.int8, "scale": torch.float32}
+    assert torch.equal(made.codes, LinearInt8Store.quantize(x).codes)
+    assert not zero.dense().any() and zero.shape == x.shape
+
+
+@pytest.fixture
+def without_bitsandbytes(monkeypatch):
+    """Importing bitsandbytes fails, as for a user without the optional extra."""
+    for name in [m for m in sys.modules if m == "bitsandbytes" or m.startswith("bitsandbytes.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    monkeypatch.setitem(sys.modules, "bitsandbytes.functional", None)
+
+
+def test_int8_reference_needs_no_bitsandbytes(without_bitsandbytes, tmp_path):
+    """An int8 EMA reference and an int8 captured reference train, save and load without
+    bitsandbytes; only a state saved with the dynamic code asks for it, by name."""
+    from sgg_optim import GuidedOptimizer, Reference
+
+    with pytest.raises(ImportError):
+        import bitsandbytes  # noqa: F401  (the fixture really hides it)
+    model = torch.nn.Linear(40, 30)
+    ref = Reference({n: torch.randn_like(p) for n, p in model.named_parameters()}, storage="int8").bind(model)
+    ref.save(tmp_path / "ref.safetensors")
+    loaded = Reference.load(tmp_path / "ref.safetensors", model)
+    assert all(torch.equal(loaded[n], ref[n]) for n in ref.names)
+    for reference in ("ema", loaded):
+        opt = GuidedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), reference=reference,
+                              reference_dtype="int8", warmup_steps=1, max_angle=5)
+        for _ in range(3):
+            opt.zero_grad()
+            model(torch.randn(8, 40)).square().mean().backward()
+            opt.step()
+        assert opt.stats["projected"] > 0 and torch.isfinite(model.weight).all()
+        opt.load_state_dict(opt.state_dict())
+    dynamic = {"codes": torch.zeros(3000, dtype=torch.uint8), "absmax": torch.ones(1)}
+    with pytest.raises(ImportError, match="dynamic code book"):
+        store_from_state(dynamic, torch.Size([3000]), "int8")

@@ -35,9 +35,9 @@ Example:
 from __future__ import annotations
 
 import copy
-import random
+import dataclasses
 import warnings
-from typing import Any, Callable, Iterable, Literal, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Literal, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -243,24 +243,6 @@ def promot(model: nn.Module, stage1_batches: Iterable[Batch], stage2_batches: It
     return model
 
 
-def _shuffled_batches(tokenizer: Any, texts: Sequence[str], labels: Sequence[int], *, steps: int,
-                      batch_size: int, max_length: int, seed: int) -> Iterable[Batch]:
-    """``steps`` batches, epochs reshuffled by ``seed``, encoded as the benchmark loop encodes them."""
-    rng = random.Random(seed)
-    order: list[int] = []
-    for _ in range(steps):
-        if len(order) < batch_size:
-            fresh = list(range(len(texts)))
-            rng.shuffle(fresh)
-            order += fresh
-        idx, order = order[:batch_size], order[batch_size:]
-        enc = tokenizer([texts[i] for i in idx], truncation=True, max_length=max_length, padding=True,
-                        return_tensors="pt")
-        batch = dict(enc)
-        batch["labels"] = torch.tensor([labels[i] for i in idx], dtype=torch.long)
-        yield batch
-
-
 def prepare_promot(stage1_steps: Optional[int] = None, prompt_lr: float = 3e-2, num_virtual_tokens: int = 20,
                    head_lr: float = 1e-3) -> Callable[[nn.Module, Any], tuple[nn.Module, Any]]:
     """Benchmark hook: attach a prompt, run stage 1 on the run's K-shot set, ready stage 2.
@@ -283,8 +265,11 @@ def prepare_promot(stage1_steps: Optional[int] = None, prompt_lr: float = 3e-2, 
         cfg = ctx.cfg
         steps = cfg.steps if stage1_steps is None else stage1_steps
         model = attach_prompt(model, num_virtual_tokens=num_virtual_tokens, seed=ctx.seed)
-        data = _shuffled_batches(ctx.tokenizer, ctx.train_texts, ctx.train_labels, steps=steps,
-                                 batch_size=cfg.batch_size, max_length=cfg.max_length, seed=ctx.seed)
+        # the benchmark's own batches (same order and encoding as stage 2's), for stage 1's steps
+        from ..fewshot.training import batches
+
+        data = batches(ctx.tokenizer, ctx.train_texts, ctx.train_labels, dataclasses.replace(cfg, steps=steps),
+                       ctx.seed)
         with torch.random.fork_rng(devices=[]):  # dropout draws of stage 1 leave the run's RNG alone
             torch.manual_seed(ctx.seed)
             train_prompt(model, data, lr=prompt_lr, head_lr=head_lr)
