@@ -15,6 +15,7 @@ from transformers import (  # noqa: E402
     BertConfig, BertForSequenceClassification, DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
 )
 
+from sgg_optim.fewshot.training import RunConfig  # noqa: E402
 from sgg_optim.methods.ltuning import (  # noqa: E402
     LabelTuningClassifier, backbone_and_tokenizer, kv_to_prefix, last_token_pool, prepare_ltuning,
 )
@@ -86,7 +87,7 @@ def ctx_for(tokenizer: object) -> SimpleNamespace:
     task = SimpleNamespace(name="toy", label_names=LABELS, num_labels=2, train_texts=tuple(texts),
                            train_labels=tuple(labels), eval_texts=tuple(texts), eval_labels=tuple(labels))
     return SimpleNamespace(tokenizer=tokenizer, task=task, train_texts=tuple(texts), train_labels=tuple(labels),
-                           cfg=SimpleNamespace(steps=10, batch_size=8, max_length=16), seed=0, lr=1e-2)
+                           cfg=RunConfig(steps=10, batch_size=8, max_length=16), seed=0, lr=1e-2)
 
 
 def batch_of(tokenizer, texts, labels) -> dict:
