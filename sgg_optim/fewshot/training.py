@@ -48,17 +48,14 @@ def apply_lora(model: nn.Module, r: int = 8) -> nn.Module:
     by label words (:class:`~sgg_optim.methods.incontext.VerbalizerLM`) gets the adapters
     on ``.lm`` (:func:`~sgg_optim.methods.incontext.apply_lora_lm`) and has no head to train.
     """
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
+    from ..integrations.peft import lora_config
     from ..methods.incontext import VerbalizerLM, apply_lora_lm
 
     if isinstance(model, VerbalizerLM):
         return apply_lora_lm(model, r)
-    targets = [n for n in ("query", "value", "q_proj", "v_proj")
-               if any(name.endswith(n) for name, _ in model.named_modules())]
-    cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=targets,
-                     modules_to_save=["classifier"], task_type="SEQ_CLS")
-    return get_peft_model(model, cfg)
+    return get_peft_model(model, lora_config(model, r, modules_to_save=["classifier"], task_type="SEQ_CLS"))
 
 
 @dataclass

@@ -7,9 +7,41 @@ bytes never change. These helpers pick the adapters and check the rest is frozen
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional, Sequence
 
 from torch import Tensor, nn
+
+# the attention projections LoRA adapts by default (Hu et al. 2021: query and value),
+# under BERT's and Llama's module names
+ATTENTION_TARGETS = ("query", "value", "q_proj", "v_proj")
+
+
+def lora_config(model: nn.Module, r: int = 8, *, target_modules: Optional[Sequence[str]] = None,
+                lora_alpha: Optional[int] = None, **kwargs: Any) -> Any:
+    """The one LoRA setting the library builds: rank ``r``, alpha ``2 r``, no dropout, on
+    the attention query/value projections ``model`` has (or ``target_modules``); other
+    ``peft.LoraConfig`` keywords pass through (``task_type``, ``modules_to_save``).
+
+    Example:
+        >>> from transformers import BertConfig, BertModel
+        >>> bert = BertModel(BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+        ...                             intermediate_size=16))
+        >>> cfg = lora_config(bert, r=4)
+        >>> sorted(cfg.target_modules), cfg.lora_alpha
+        (['query', 'value'], 8)
+    """
+    from peft import LoraConfig
+
+    if r < 1:
+        raise ValueError(f"r must be >= 1, got {r}")
+    if target_modules is None:
+        names = [name for name, _ in model.named_modules()]
+        target_modules = [t for t in ATTENTION_TARGETS if any(n.endswith(t) for n in names)]
+        if not target_modules:
+            raise ValueError(f"{type(model).__name__} has no module named {' or '.join(ATTENTION_TARGETS)}: "
+                             "pass target_modules")
+    return LoraConfig(r=r, lora_alpha=lora_alpha or 2 * r, lora_dropout=0.0, target_modules=list(target_modules),
+                      **kwargs)
 
 
 def adapter_named_parameters(model: nn.Module) -> list[tuple[str, Tensor]]:

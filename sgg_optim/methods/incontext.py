@@ -380,15 +380,15 @@ class VerbalizerLM(nn.Module):
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
-def apply_lora_lm(model: VerbalizerLM, r: int = 8, target_modules: Sequence[str] = ("q_proj", "v_proj"),
+def apply_lora_lm(model: VerbalizerLM, r: int = 8, target_modules: Optional[Sequence[str]] = None,
                   lora_alpha: Optional[int] = None) -> VerbalizerLM:
-    """Wrap ``model.lm`` with PEFT LoRA adapters (causal-LM task type); only adapters train."""
-    from peft import LoraConfig, get_peft_model
+    """Wrap ``model.lm`` with PEFT LoRA adapters (causal-LM task type, the library's one
+    LoRA setting: :func:`~sgg_optim.integrations.peft.lora_config`); only adapters train."""
+    from peft import get_peft_model
 
-    if r < 1:
-        raise ValueError(f"r must be >= 1, got {r}")
-    cfg = LoraConfig(r=r, lora_alpha=lora_alpha or 2 * r, lora_dropout=0.0, target_modules=list(target_modules),
-                     task_type="CAUSAL_LM")
+    from ..integrations.peft import lora_config
+
+    cfg = lora_config(model.lm, r, target_modules=target_modules, lora_alpha=lora_alpha, task_type="CAUSAL_LM")
     model.lm = get_peft_model(model.lm, cfg)
     return model
 

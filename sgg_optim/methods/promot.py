@@ -216,11 +216,13 @@ def without_prompt(model: nn.Module) -> nn.Module:
 def _add_lora(model: nn.Module, lora: Any) -> nn.Module:
     from peft import LoraConfig, inject_adapter_in_model
 
-    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0) if lora is True else lora
+    from ..integrations.peft import lora_config
+
+    host = model.lm if isinstance(getattr(model, "lm", None), nn.Module) else model
+    config = lora_config(host) if lora is True else lora
     if not isinstance(config, LoraConfig):
         raise ValueError(f"lora must be a bool or a peft.LoraConfig, got {type(lora).__name__}")
-    host = model.lm if isinstance(getattr(model, "lm", None), nn.Module) else model
-    inject_adapter_in_model(config, host)  # target modules default to PEFT's table for the model type
+    inject_adapter_in_model(config, host)
     return model
 
 
