@@ -229,13 +229,26 @@ def test_protocol_report_tables_render_and_pair_against_adamw():
     assert per[("good", 2e-4)]["vs_baseline"].mean == pytest.approx(0.05)
     report = results.protocol_report(rows, resamples=500)
     tables = [block for block in report.split("\n\n") if block.startswith("|")]
-    assert len(tables) == 4
+    assert len(tables) == 5
     for table in tables:
         widths = {len(line.replace("\\|", "")) - len(line.replace("\\|", "").replace("|", ""))
                   for line in table.splitlines()}
         assert len(widths) == 1  # every line has as many cell borders as the header
     assert "| good | 12 | 75.0 |" in report and "helps" in report
     assert "+5.0 [" in report
+
+
+def test_claims_against_their_goals():
+    rows = _grid_rows()
+    [good] = results.claims(rows, resamples=500)
+    assert good["gain"].mean == pytest.approx(0.05) and good["gain_met"]  # +5 points, interval above +2
+    assert good["cv"].mean == pytest.approx(0.5) and good["cv_met"]  # applied CV 0.2 against 0.4
+    assert good["failed"] == (0.0, 0.0, 24) and not good["failed_met"]  # no AdamW failure to halve
+    # a row that fails where AdamW does not, and whose CV is AdamW's, meets neither goal
+    bad = [{**r, "strategy": "bad", "accuracy": 0.5, "applied_cv": 0.4} for r in rows if r["strategy"] == "good"]
+    [b] = results.claims([r for r in rows if r["strategy"] == "adamw"] + bad, resamples=500)
+    assert b["failed"][0] == 1.0 and not b["failed_met"] and not b["gain_met"] and not b["cv_met"]
+    assert "**met**" in results.claims_table(rows, resamples=500)
 
 
 def _candidate_rows(diffs, *, eval_flip=False, by_seed=None):

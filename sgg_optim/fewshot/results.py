@@ -462,6 +462,81 @@ def choose_defaults(rows: Iterable[Mapping[str, Any]], candidates: Sequence[str]
                       + (f" ({_ci(cur['vs_baseline'])})" if cur is not None else " (not run)")}
 
 
+# the issue's goals for a stabiliser against AdamW (issue 10, "Must show")
+GOAL_GAIN = 0.02  # accuracy at the chosen lr: at least +2 points
+GOAL_FAILED = 0.5  # failed-run rate over the sweep: at most half of AdamW's
+GOAL_CV = 0.7  # applied-update CV at the chosen lr: at most 0.7x AdamW's
+
+
+def claims(rows: Iterable[Mapping[str, Any]], baseline: str = "adamw",
+           lrs: Optional[Mapping[str, Sequence[float]]] = None, **bootstrap: Any) -> list[dict[str, Any]]:
+    """Per row, each claim against ``baseline`` with its interval and whether the goal is met:
+
+    - ``gain``: paired accuracy difference at the validation-chosen lrs (goal ``GOAL_GAIN``:
+      the interval's lower end at or above it);
+    - ``failed``: failed-run rates over the whole sweep, the row's and the baseline's on the
+      same (task, K, seed, lr) runs, and their paired difference (goal: at most
+      ``GOAL_FAILED`` times the baseline's);
+    - ``worst``: worst-seed accuracy difference (per task over seeds, averaged), at the chosen lr;
+    - ``cv``: per-pair ratio of applied-update CV at the chosen lrs, its mean and interval
+      (goal ``GOAL_CV``: the interval's upper end at or below it).
+    """
+    rows = list(rows)
+    chosen = choose_lr(rows, lrs)
+    at: dict[str, dict[tuple, Mapping[str, Any]]] = defaultdict(dict)
+    for key, r in chosen.items():
+        at[key[-1]][key[:-1]] = r
+    runs: dict[str, dict[tuple, Mapping[str, Any]]] = defaultdict(dict)
+    for r in rows:
+        runs[r["strategy"]][pair_of(r) + (float(r.get("lr", 0.0)),)] = r
+    base, base_runs = at.get(baseline, {}), runs.get(baseline, {})
+    out = []
+    for s in _strategies(rows):
+        if s == baseline or s not in at:
+            continue
+        common = {p: at[s][p] for p in at[s] if p in base}
+        same = [k for k in runs[s] if k in base_runs]
+        flags = {k: (failed(runs[s][k]), failed(base_runs[k])) for k in same}
+        flags = {k: (a, b) for k, (a, b) in flags.items() if a is not None and b is not None}
+        ratios = [_num(common[p].get("applied_cv")) / _num(base[p].get("applied_cv")) for p in common
+                  if _num(base[p].get("applied_cv")) > 0]
+        ratios = [x for x in ratios if math.isfinite(x)]
+        lo, hi = bootstrap_ci(ratios, **bootstrap)
+        f_row = sum(a for a, _ in flags.values()) / len(flags) if flags else math.nan
+        f_base = sum(b for _, b in flags.values()) / len(flags) if flags else math.nan
+        gain = paired(common, base, **bootstrap)
+        cv = Paired(metrics.nanmean(ratios), lo, hi, len(ratios))
+        out.append({
+            "strategy": s, "gain": gain, "gain_met": gain.verdict != "—" and gain.lo >= GOAL_GAIN,
+            "failed": (f_row, f_base, len(flags)),
+            "failed_met": bool(flags) and f_row <= GOAL_FAILED * f_base and f_base > 0,
+            "worst": _worst_seed(common) - _worst_seed({p: base[p] for p in common}) if common else math.nan,
+            "cv": cv, "cv_met": cv.verdict != "—" and cv.hi <= GOAL_CV,
+        })
+    return out
+
+
+def claims_table(rows: Iterable[Mapping[str, Any]], baseline: str = "adamw", **bootstrap: Any) -> str:
+    """:func:`claims` in Markdown: each claim, its interval, and met / not met."""
+    recs = claims(rows, baseline, **bootstrap)
+
+    def yes(ok: bool) -> str:
+        return "**met**" if ok else "not met"
+
+    def ratio(p: Paired) -> str:
+        ci = f" [{p.lo:.2f}, {p.hi:.2f}]" if math.isfinite(p.lo) else ""
+        return f"{p.mean:.2f}x{ci} (n={p.n})" if p.n else "—"
+
+    return markdown_table(
+        ["row", f"accuracy Δ vs {baseline} [95% CI] (goal ≥ +{100 * GOAL_GAIN:.0f})", "",
+         f"failed runs, row / {baseline} (goal ≤ {GOAL_FAILED:g}x)", "", "worst seed Δ",
+         f"applied CV / {baseline}'s [95% CI] (goal ≤ {GOAL_CV:g}x)", ""],
+        [[r["strategy"], _diff(r["gain"])[0], yes(r["gain_met"]),
+          f"{_pct(r['failed'][0], 0)}% / {_pct(r['failed'][1], 0)}% of {r['failed'][2]}", yes(r["failed_met"]),
+          f"{100 * r['worst']:+.1f}" if math.isfinite(r["worst"]) else "—", ratio(r["cv"]), yes(r["cv_met"])]
+         for r in recs])
+
+
 def forgetting(rows: Iterable[Mapping[str, Any]], baseline: str = "pretrained", compare_to: str = "adamw",
                lrs: Optional[Mapping[str, Sequence[float]]] = None, **bootstrap: Any) -> list[dict[str, Any]]:
     """What tuning cost elsewhere: per row (at its validation-chosen lr) and retention task,
@@ -589,6 +664,8 @@ def protocol_report(rows: Iterable[Mapping[str, Any]], baseline: str = "adamw",
         [[r["strategy"], str(r["n"]), str(r["lrs"]), _pct(r["accuracy"]), _pct(r["worst_run"]),
           _pct(r["failed"], 0) + "%", f"{r['near_best']} of {r['lrs']}", f"{r['best_lr']:g}",
           _f(r["applied_cv"]), _f(r["applied_spike"]), _f(r["update_cos"])] for r in over_sweep(rows)]))
+    parts.append("\nThe claims, each against its goal:\n")
+    parts.append(claims_table(rows, b, **bootstrap))
     parts.append("\nOn validation only (what the choices below are made on; each row at its chosen lr, "
                  "validation accuracy):\n")
     parts.append(markdown_table(
