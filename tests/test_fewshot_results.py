@@ -249,6 +249,14 @@ def test_claims_against_their_goals():
     [b] = results.claims([r for r in rows if r["strategy"] == "adamw"] + bad, resamples=500)
     assert b["failed"][0] == 1.0 and not b["failed_met"] and not b["gain_met"] and not b["cv_met"]
     assert "**met**" in results.claims_table(rows, resamples=500)
+    # halving AdamW's failures counts only when the paired difference excludes 0
+    lone = ("adamw", "a", 0, 2e-5)
+    fails = [{**r, "accuracy": 0.5} if (r["strategy"], r["task"], r["seed"], r["lr"]) == lone else r for r in rows]
+    [one] = results.claims(fails, resamples=500)
+    assert one["failed"] == (0.0, 1 / 24, 24) and not one["failed_met"]  # one failure in 24 runs: no evidence
+    fails = [{**r, "accuracy": 0.5} if r["strategy"] == "adamw" else r for r in rows]
+    [many] = results.claims(fails, resamples=500)
+    assert many["failed"] == (0.0, 1.0, 24) and many["failed_met"]
 
 
 def _candidate_rows(diffs, *, eval_flip=False, by_seed=None):
