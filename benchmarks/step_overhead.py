@@ -16,6 +16,11 @@ Regimes (the guided apply pass skips identity blocks):
 * ``inside``: reference = gradient + small noise (cos ~ 1): no rotation, no clip; for a
   frozen reference only the statistics pass runs.
 
+``GuidedAdamW fused ... clip`` rows: ``GuidedAdamW(fused=True)``, inside regime, with
+``magnitude="clip"`` at half the gradient norm, so every step only scales: the scale
+rides in the fused kernel's ``grad_scale``, beside the same step with a separate
+``g.mul_(a)`` pass (the fold switched off) for comparison.
+
 Then a breakdown of the guided step (fp32 reference, global scope, active regime):
 each stage timed by calling ``sgg_optim.functional`` directly on the same inputs, a
 ``torch.profiler`` table, and a few alternative formulations timed on the same data.
@@ -55,7 +60,7 @@ from torch import nn  # noqa: E402
 
 import sgg_optim
 from sgg_optim import storage as storage_mod  # noqa: E402
-from sgg_optim import GuidedOptimizer, Reference  # noqa: E402
+from sgg_optim import GuidedAdamW, GuidedOptimizer, Reference  # noqa: E402
 from sgg_optim.functional import apply_guidance_, block_stats, guidance_coefficients  # noqa: E402
 from sgg_optim.sharding import local_shard, shard_group  # noqa: E402
 
@@ -96,8 +101,10 @@ class Params(nn.Module):
 # ------------------------------------------------------------------------------------
 class Candidate:
     def __init__(self, name: str, opt: torch.optim.Optimizer, *, storage: str = "", scope: str = "",
-                 regime: str = "", kind: str = "base", ema_init: Optional[list[torch.Tensor]] = None) -> None:
+                 regime: str = "", kind: str = "base", ema_init: Optional[list[torch.Tensor]] = None,
+                 extra_bytes: float = 0.0) -> None:
         self.name, self.opt = name, opt
+        self.extra_bytes = extra_bytes  # bytes per parameter of passes bytes_per_param does not count
         self.storage, self.scope, self.regime, self.kind = storage, scope, regime, kind
         self.ema_init = ema_init
         self.step_fn: Callable[[], object] = opt.step  # a torch.compile'd step for the compiled rows
@@ -245,13 +252,31 @@ def build(args: argparse.Namespace):
                               reference_dtype="fp32", **guidance)
         cands.append(Candidate(f"guided ema fp32 global {regime}", opt, storage="fp32", scope="global",
                                regime=regime, kind="ema", ema_init=ref_tensors[regime]))
-    # int8 on a linear grid (plain torch ops) beside bitsandbytes' dynamic code of the rows above
-    storage_mod.INT8 = storage_mod.LinearInt8Store
-    ref = Reference(dict(zip(names, ref_active)), storage="int8").bind(model)
-    cands.append(Candidate("guided int8-linear global active", GuidedOptimizer(
-        adamw(fused=True), reference=ref, reference_dtype="int8", **guidance), storage="int8-linear",
-        scope="global", regime="active", kind="frozen"))
-    storage_mod.INT8 = storage_mod.Int8Store
+    # bitsandbytes' dynamic code book (int8 states saved by earlier versions) beside the
+    # linear grid that the int8 rows above use
+    try:
+        storage_mod.INT8 = storage_mod.Int8Store
+        ref = Reference(dict(zip(names, ref_active)), storage="int8").bind(model)
+        cands.append(Candidate("guided int8-dynamic global active", GuidedOptimizer(
+            adamw(fused=True), reference=ref, reference_dtype="int8", **guidance), storage="int8-dynamic",
+            scope="global", regime="active", kind="frozen"))
+    except ImportError:  # no bitsandbytes
+        pass
+    finally:
+        storage_mod.INT8 = storage_mod.LinearInt8Store
+    # GuidedAdamW(fused=True) on steps that only scale (inside regime, clip binding): the
+    # scale in the fused kernel's grad_scale, and the same with a separate g.mul_(a) pass
+    ref = Reference(dict(zip(names, ref_inside))).bind(model)
+    max_norm = 0.5 * torch.cat([g.flatten() for g in g0]).norm().item()
+    for folded in (True, False):
+        opt = GuidedAdamW(params, lr=1e-5, weight_decay=0.01, fused=True, reference=ref, direction="cone",
+                          magnitude="clip", max_norm=max_norm)
+        if not folded:
+            opt._folded_scale = lambda *args: None  # type: ignore[method-assign]
+        cands.append(Candidate(f"GuidedAdamW fused fp32 global inside clip, "
+                               f"{'scale in grad_scale' if folded else 'separate g.mul_(a)'}", opt,
+                               storage="fp32", scope="global", regime="inside", kind="frozen",
+                               extra_bytes=0.0 if folded else 8.0))
     if not args.no_compile:
         # torch.compile(opt.step) over foreach AdamW, no host read (nonfinite="propagate")
         for kind, regime in (("frozen", "active"), ("frozen", "inside"), ("ema", "active")):
@@ -276,8 +301,8 @@ def bytes_per_param(c: Candidate) -> float:
     AdamW could fold apply and EMA into the update (read r once more): not counted here."""
     if c.kind in ("fused", "foreach", "compiled-base"):
         return 28.0
-    rb = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "int8-linear": 1.0}[c.storage]
-    extra = 4 + rb  # statistics pass
+    rb = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "int8-dynamic": 1.0}[c.storage]
+    extra = 4 + rb + c.extra_bytes  # statistics pass (+ a separate g.mul_(a): read and write g)
     if c.regime == "active":
         extra += 8 + rb  # apply pass
     if c.kind.endswith("ema"):
@@ -394,10 +419,10 @@ def breakdown(c: Candidate, grads, g0, rounds: int, alternatives: bool = False, 
     if c.storage == "int8":
         def dequant_only():  # as store.dot / add_to_ do: a fresh output per chunk, dropped after use
             for r in stores:
-                for sp, bl in r._chunks():
-                    r._dequant(sp, bl)
+                for (s0, e0), bl in r._chunks():
+                    r._dequant(s0, e0, bl)
 
-        stages["  int8: dequantize only (bnb, per chunk)"] = (dequant_only, False, "part")
+        stages["  int8: dequantize only (linear grid, per chunk)"] = (dequant_only, False, "part")
         stages["  apply: g.mul_(a)"] = (lambda: [g.mul_(a0) for g in grads], True, "part")
         stages["  apply: store.add_to_ (dequantize + add_)"] = (
             lambda: [r.add_to_(g, b0) for g, r in zip(grads, stores)], True, "part")
@@ -414,7 +439,8 @@ def breakdown(c: Candidate, grads, g0, rounds: int, alternatives: bool = False, 
         stages["  apply: g.mul_(a)"] = (lambda: [g.mul_(a0) for g in grads], True, "part")
         stages["  apply: g.add_(r, alpha=b)"] = (lambda: [g.add_(r.view_as(g), alpha=b0) for g, r in
                                                           zip(grads, ref_t)], True, "part")
-    if alternatives and c.storage == "int8":
+    dynamic = isinstance(stores[0], storage_mod.Int8Store)  # bitsandbytes' code book: its alternatives
+    if alternatives and dynamic:
         flat_codes = torch.cat([r.codes for r in stores])  # same bytes, one buffer
         flat_absmax = torch.ones(-(-flat_codes.numel() // 4096))  # timing only: one absmax per 4096 codes
         flat = type(stores[0])(flat_codes, flat_absmax, flat_codes.shape)
@@ -433,7 +459,7 @@ def breakdown(c: Candidate, grads, g0, rounds: int, alternatives: bool = False, 
 
         stages["alt int8: linear int8 dequantize (convert x block scale, no code book), 1M chunks"] = (
             linear_dequant, False, "alt")
-    if alternatives and c.storage == "int8":
+    if alternatives and dynamic:
         scratch = torch.empty(1 << 20)
         try:
             import ctypes
@@ -571,7 +597,7 @@ def breakdown(c: Candidate, grads, g0, rounds: int, alternatives: bool = False, 
              "full guided step": stats_reads + apply_reads + 16 * N,
              "  stats: |g|^2 by torch._foreach_norm": 4 * N, "  stats: <g,r> by store.dot per tensor": (4 + es) * N,
              "  stats: |r|^2 by store.sqnorm per tensor": es * N, "  apply: EMA store.lerp_ per tensor": (4 + es) * N,
-             "  int8: dequantize only (bnb, per chunk)": N, "  apply: g.mul_(a)": 4 * N,
+             "  int8: dequantize only (linear grid, per chunk)": N, "  apply: g.mul_(a)": 4 * N,
              "  apply: store.add_to_ (dequantize + add_)": (4 + es) * N, "  apply: g.add_(r, alpha=b)": (4 + es) * N,
              "  stats: bf16 -> fp32 upcast only (chunks)": 2 * N,
              "alt int8: dequantize the same bytes as one flat buffer (1M chunks)": N,

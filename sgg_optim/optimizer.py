@@ -14,7 +14,7 @@ import os
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -305,12 +305,14 @@ class GuidedOptimizer(Optimizer):
             self.base_optimizer.step()
             self._guidance.accepted += 1
             return loss
-        if self._guide(guided):
-            self.base_optimizer.step()
+        after = self._guide(guided)
+        if after is not None:
+            self._base_step(after)
         return loss
 
-    def _guide(self, guided: list[tuple[int, int, Tensor]]) -> bool:
-        """Rewrite the gradients in place; False if the step must be skipped."""
+    def _guide(self, guided: list[tuple[int, int, Tensor]]) -> Optional["_AfterGuide"]:
+        """Rewrite the gradients in place; None if the step must be skipped, else what is
+        left for the base step (:meth:`_base_step`)."""
         cfg, st = self.config, self._guidance
         index = [i for i, _, _ in guided]
         params = [p for _, _, p in guided]
@@ -367,7 +369,7 @@ class GuidedOptimizer(Optimizer):
                         raise FloatingPointError(f"non-finite gradient in {where} at step "
                                                  f"{st.accepted + st.skipped + 1} (nonfinite='raise')")
                     st.skipped += 1
-                    return False
+                    return None
             a_host, b_host = host[1:1 + num_blocks], host[1 + num_blocks:1 + num_blocks * (1 + k)]
             if not all(map(math.isfinite, a_host + b_host)):
                 self._step.figures = None
@@ -379,12 +381,55 @@ class GuidedOptimizer(Optimizer):
             b = [b_host[blk * k:(blk + 1) * k] for _, blk, _ in guided]
 
         ema_refs = [ema[i] for i in index] if use_ema else None
-        if direction_on or cfg.magnitude != "off" or use_ema:
-            apply_guidance_(grads, refs, a, b, ema_refs, 1.0 - cfg.ema_beta)
+        weight = 1.0 - cfg.ema_beta
+        scale = None if cfg.nonfinite == "propagate" else self._folded_scale(grads, a, b, group)
+        if scale is None and (direction_on or cfg.magnitude != "off" or use_ema):
+            apply_guidance_(grads, refs, a, b, ema_refs, weight)
         st.ema.update(new_ema)
         st.blocks = new_blocks
         st.accepted += 1
-        return True
+        return _AfterGuide(scale, (grads, ema_refs, weight) if scale is not None and ema_refs is not None else None)
+
+    def _base_step(self, after: "_AfterGuide") -> None:
+        """The base optimizer's step; with a folded scale, then the EMA update toward the
+        gradients the fused kernel wrote back."""
+        base = self.base_optimizer
+        if after.grad_scale is None:
+            base.step()
+        else:
+            base.grad_scale = after.grad_scale  # read by torch's fused Adam/AdamW, as GradScaler sets it
+            try:
+                base.step()
+            finally:
+                del base.grad_scale
+        if after.ema is not None:
+            grads, stores, weight = after.ema
+            for g, r in zip(grads, stores):
+                r.lerp_(g, weight)
+
+    def _folded_scale(self, grads: list[Tensor], a: list[Any], b: list[list[Any]], group: Any) -> Optional[Tensor]:
+        """``1/a`` as ``grad_scale`` for the base optimizer's fused kernel, or None.
+
+        torch's fused Adam/AdamW divide every gradient by ``grad_scale`` inside the update
+        and write the result back (GradScaler's unscaling). A step that only scales (every
+        ``b`` is 0: the direction rule left the gradient alone, the magnitude rule clipped
+        it) by one ``a`` for every tensor then needs no ``g.mul_(a)`` pass, a read and a
+        write of every gradient (measured: 0.2x a fused AdamW step). Only where that holds
+        exactly: ``a`` not 1 with ``1/a`` finite in fp32, fp32 gradients on CPU or CUDA
+        (whose kernels write back), unsharded, not compiled, and a plain
+        ``torch.optim.Adam``/``AdamW``, fused in every group, with no ``grad_scale`` of its
+        own, that steps exactly the guided gradients.
+        """
+        base, a0 = self.base_optimizer, a[0]
+        if (a0 == 1.0 or not 1e-30 < abs(a0) < 1e30 or any(x != a0 for x in a)
+                or any(bi != 0.0 for row in b for bi in row)
+                or type(base) not in (torch.optim.Adam, torch.optim.AdamW) or group is not None
+                or torch.compiler.is_compiling() or not all(pg.get("fused") for pg in base.param_groups)
+                or getattr(base, "grad_scale", None) is not None or getattr(base, "found_inf", None) is not None
+                or any(g.dtype != torch.float32 or g.device.type not in ("cpu", "cuda") for g in grads)
+                or sum(p.grad is not None for pg in base.param_groups for p in pg["params"]) != len(grads)):
+            return None
+        return torch.full((), 1.0 / a0, device=grads[0].device)
 
     @staticmethod
     def _host_read(stats: Tensor, coef: Coefficients) -> list[float]:
@@ -529,6 +574,15 @@ class GuidedOptimizer(Optimizer):
         self._guidance = loaded
         if loaded.num_sources:
             self._prepare_sources()
+
+
+class _AfterGuide(NamedTuple):
+    """What a guided step leaves for :meth:`GuidedOptimizer._base_step`: the folded
+    ``grad_scale`` (or None), and the EMA update (gradients, references, weight) that
+    then waits for the gradients the fused kernel writes back."""
+
+    grad_scale: Optional[Tensor] = None
+    ema: Optional[tuple[list[Tensor], list[Store], float]] = None
 
 
 @dataclass

@@ -22,12 +22,12 @@ from torch import Tensor, nn
 
 from .config import REFERENCE_DTYPES
 from .sharding import ShardSpec, gather, is_sharded, local_slice
-from .storage import INT8_BLOCKSIZE, Store, make_store, store_from_state
+from .storage import INT8, Store, make_store, store_from_state
 from .version import __version__
 
 PathLike = Union[str, "os.PathLike[str]"]
 _FORMAT_NAME = "sgg-optim-reference"
-_STATE_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "int8": "uint8"}
+_STATE_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "int8": "int8"}
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -178,7 +178,7 @@ class Reference:
             "library_version": __version__,
             "storage": self.storage,
             "dtype": _STATE_DTYPES[self.storage],
-            "blocksize": str(INT8_BLOCKSIZE),
+            "blocksize": str(INT8.blocksize),  # of the int8 code references are written in
             "names": json.dumps(self.names),
             "shapes": json.dumps({n: list(self.shape(n)) for n in self.stores}),
         }

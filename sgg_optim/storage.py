@@ -67,13 +67,15 @@ class DenseStore:
 
     def __init__(self, tensor: Tensor) -> None:
         self.tensor = tensor.contiguous()
+        # The flat view, made once: making it per call costs as much as a small tensor's dot.
+        self.flat = self.tensor.view(-1)
 
     @property
     def shape(self) -> torch.Size:
         return self.tensor.shape
 
     def dot(self, g: Tensor) -> Tensor:
-        g, r = g.reshape(-1), self.tensor.view(-1)
+        g, r = g.reshape(-1), self.flat
         if g.dtype == torch.float32 and r.dtype == torch.float32:
             return torch.dot(g, r)
         if r.numel() == 0:
@@ -83,7 +85,8 @@ class DenseStore:
                             for s, e in _spans(r.numel(), _CHUNK)]).sum()
 
     def sqnorm(self) -> Tensor:
-        return self.dot(self.tensor)
+        r = self.flat
+        return torch.dot(r, r) if r.dtype == torch.float32 else self.dot(r)
 
     def add_to_(self, g: Tensor, b: Scalar) -> None:
         """``g += b * r`` in g's dtype."""
@@ -96,7 +99,7 @@ class DenseStore:
         if r.dtype == g.dtype:
             r.lerp_(g.view_as(r), w)
             return
-        flat, gf = r.view(-1), g.reshape(-1)
+        flat, gf = self.flat, g.reshape(-1)
         for s, e in _spans(flat.numel(), _CHUNK):
             flat[s:e].copy_(_fp32(flat[s:e], 0).lerp_(_fp32(gf[s:e], 1), w))
 

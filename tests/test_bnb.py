@@ -336,7 +336,7 @@ def test_dynamic_int8_reference_file_still_loads(tmp_path, monkeypatch):
     results = []
     for r in (ref, loaded):
         m = mlp()
-        opt = GuidedOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), reference=r, reference_dtype="int8",
+        opt = GuidedOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), reference=r.bind(m), reference_dtype="int8",
                               max_angle=5)
         loss_at(m, 0).backward()
         opt.step()
@@ -385,7 +385,8 @@ def test_int8_store_costs_about_one_byte_per_parameter(kind):
         assert store.codes.numel() == numel
         assert store.nbytes() == held == numel + 4 * math.ceil(numel / blocksize)
         if numel >= 4096:
-            assert held / numel <= 1 + 4 / blocksize + 1e-9, (numel, held / numel)  # 4 B of scale per block
+            bound = {"linear": 1.005, "dynamic": 1.002}[kind]  # 4 B of scale per block of 1024 / 4096
+            assert held / numel <= bound, (numel, held / numel)
     assert make_store(torch.randn(10_000), "int8").nbytes() == 10_000 + 4 * math.ceil(10_000 / LINEAR_BLOCKSIZE)
 
 

@@ -386,8 +386,8 @@ def mse(model, batch):
 # How each storage holds a reference of n elements: the checkpoint's tensors
 # (state_dict()["guidance"]["refs"][param index][...]) and their bytes (docs/quantized.md).
 STORED_AS = {"fp32": {"values": torch.float32}, "bf16": {"values": torch.bfloat16},
-             "int8": {"codes": torch.uint8, "absmax": torch.float32}}
-STORED_BYTES = {"fp32": lambda n: 4 * n, "bf16": lambda n: 2 * n, "int8": lambda n: n + 4 * math.ceil(n / 4096)}
+             "int8": {"codes": torch.int8, "scale": torch.float32}}  # int8: linear grid, a scale per 1024
+STORED_BYTES = {"fp32": lambda n: 4 * n, "bf16": lambda n: 2 * n, "int8": lambda n: n + 4 * math.ceil(n / 1024)}
 # |cos(g, r_stored) - cos(g, r_fp32)|, the bounds docs/quantized.md promises.
 DOCUMENTED_COS_BOUND = {"bf16": 1e-3, "int8": 2e-3}
 
@@ -428,8 +428,6 @@ def test_low_precision_reference_reports_nearly_the_fp32_cosine(storage, capture
 
     Guards: capture_reference or GuidedOptimizer storing references as fp32 whatever reference_dtype says.
     """
-    if storage == "int8":
-        pytest.importorskip("bitsandbytes")
     model = mlp(seed)
     numel = sum(p.numel() for p in model.parameters())
     assert numel == 49472

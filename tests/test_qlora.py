@@ -100,9 +100,9 @@ def test_guided_qlora_step_changes_only_adapters(tiny_folder):
 
     assert opt.stats["step"] == 3 and math.isfinite(opt.stats["cos"])
     watch.assert_rewrote_where_reported(min_steps=1)  # guidance ran: it rotated step 3's gradients
-    refs = opt.state_dict()["guidance"]["refs"]  # the EMA reference of every adapter, in int8
+    refs = opt.state_dict()["guidance"]["refs"]  # the EMA reference of every adapter, in int8 (linear grid)
     assert sorted(refs) == list(range(len(named)))
-    assert all({n: t.dtype for n, t in entry["ema"].items()} == {"codes": torch.uint8, "absmax": torch.float32}
+    assert all({n: t.dtype for n, t in entry["ema"].items()} == {"codes": torch.int8, "scale": torch.float32}
                for entry in refs.values())
     changed = [n for n, p in named if not torch.equal(p, adapters[n])]
     assert changed == [n for n, _ in named], "every adapter tensor should have moved"

@@ -21,8 +21,6 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from sgg_optim import GuidedOptimizer, Reference
 
-pytest.importorskip("bitsandbytes")  # reference_dtype="int8"
-
 SHAPES = {  # name -> (shape, dtype, memory format)
     "scalar": ((), torch.float32, None),
     "empty": ((0, 3), torch.float32, None),
