@@ -684,7 +684,8 @@ def protocol_report(rows: Iterable[Mapping[str, Any]], baseline: str = "adamw",
                  "worst seed: per "
                  "task, the lowest accuracy over seeds, averaged over tasks (worst run: over seeds and lrs). "
                  f"failed: eval accuracy within {100 * FAIL_MARGIN:.0f} points of always predicting the "
-                 "majority class. applied CV / spike: coefficient of variation and max/median of the norm of "
+                 "majority class (on a markedly imbalanced eval split, macro-F1 within as much of that "
+                 "constant predictor's). applied CV / spike: coefficient of variation and max/median of the norm of "
                  "the gradient the optimizer used; cos(Δt,Δt-1): consecutive-update cosine.")
     return "\n".join(parts)
 
