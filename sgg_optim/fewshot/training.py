@@ -15,10 +15,10 @@ import random
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..methods.sampling import balanced_draw, class_pools, eval_mode
 from ..optimizer import GuidedOptimizer
@@ -251,6 +251,38 @@ def is_head(name: str) -> bool:
     return any(part in HEAD_NAMES for part in name.split("."))
 
 
+def fit(model: nn.Module, opt: torch.optim.Optimizer, data: Iterable[dict[str, Any]],
+        loss_fn: Optional[Callable[[nn.Module, dict[str, Any]], Tensor]] = None, *,
+        before_step: Optional[Callable[[int], None]] = None,
+        after_step: Optional[Callable[[int, Tensor], None]] = None) -> list[float]:
+    """The one training loop (the benchmark's rows and ProMoT's stages): per batch, the loss
+    (``model(**batch).loss`` or ``loss_fn(model, batch)``), ``zero_grad``, ``backward``,
+    ``before_step(step)`` with the gradients in (a probe's masks, clipping, measurements),
+    ``opt.step()``, then ``after_step(step, loss)``. Returns the losses.
+
+    Example:
+        >>> model = nn.Linear(2, 1)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> data = [{"x": torch.ones(4, 2)}] * 3
+        >>> losses = fit(model, opt, data, lambda m, b: m(b["x"]).square().mean())
+        >>> len(losses), losses[-1] < losses[0]
+        (3, True)
+    """
+    model.train()
+    losses = []
+    for step, batch in enumerate(data):
+        loss = loss_fn(model, batch) if loss_fn is not None else model(**batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if before_step is not None:
+            before_step(step)
+        opt.step()
+        losses.append(float(loss.detach()))
+        if after_step is not None:
+            after_step(step, loss)
+    return losses
+
+
 def train(model: nn.Module, strategy: Strategy, lr: float, data: Any, cfg: RunConfig,
           reference: Optional[Reference | Sequence[Reference]] = None,
           on_step: Optional[Callable[[int], None]] = None) -> dict[str, list]:
@@ -270,12 +302,11 @@ def train(model: nn.Module, strategy: Strategy, lr: float, data: Any, cfg: RunCo
     single = reference if isinstance(reference, Reference) else None
     loss_fn = strategy.objective(model, single) if strategy.objective is not None else None
     trace: dict[str, list] = {k: [] for k in ("loss", "grad_norm", "applied_norm", "update_cos", "ref_cos")}
-    model.train()
     update_cos = UpdateCosine(params)
-    for step, batch in enumerate(data):
-        loss = loss_fn(model, batch) if loss_fn is not None else model(**batch).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+    raw = applied = math.nan
+
+    def before_step(step: int) -> None:
+        nonlocal raw, applied
         if step < probe:  # linear probe: the encoder gets no gradient, so no update at all
             for p in frozen:
                 p.grad = None
@@ -284,7 +315,9 @@ def train(model: nn.Module, strategy: Strategy, lr: float, data: Any, cfg: RunCo
         if strategy.clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, strategy.clip_norm)
             applied = min(raw, strategy.clip_norm)
-        opt.step()
+
+    def after_step(step: int, loss: Tensor) -> None:
+        nonlocal applied
         ref_cos = math.nan
         if isinstance(opt, GuidedOptimizer):
             s = opt.stats
@@ -303,4 +336,6 @@ def train(model: nn.Module, strategy: Strategy, lr: float, data: Any, cfg: RunCo
             trace[k].append(v)
         if on_step is not None:
             on_step(step)
+
+    fit(model, opt, data, loss_fn, before_step=before_step, after_step=after_step)
     return trace

@@ -126,15 +126,9 @@ def trainable_named_parameters(model: nn.Module) -> NamedParams:
 
 def _fit(model: nn.Module, batches: Iterable[Batch], optimizer: torch.optim.Optimizer,
          loss_fn: Optional[LossFn]) -> list[float]:
-    model.train()
-    losses = []
-    for batch in batches:
-        loss = loss_fn(model, batch) if loss_fn is not None else model(**batch).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-    return losses
+    from ..fewshot.training import fit  # the benchmark's one training loop
+
+    return fit(model, optimizer, batches, loss_fn)
 
 
 def train_prompt(model: nn.Module, batches: Iterable[Batch], *, lr: float = 3e-2, weight_decay: float = 0.0,
