@@ -32,9 +32,16 @@ case "${1:-main}" in
     bench --tasks vader-amazon,vader-nyt,vader-tweets --shots 16 --lrs 2e-5,5e-5,1e-4,2e-4 --threads 1 \
       --seeds 3 --strategies pretrained,adamw,project-source,cone-source,cone-ema \
       --retention vader-movie --retention-n 500 --results "$HERE/benchmarks/results/forgetting_v2.jsonl"
+    # K=8 and K=32 on three tasks: AdamW against the defaults (issue 10)
+    bench --tasks vader-amazon,rt-polarity,bbc-topic --shots 8,32 --lrs 2e-5,5e-5,1e-4,2e-4 --threads 1 \
+      --seeds 3 --strategies adamw,cone-ema --results "$HERE/benchmarks/results/protocol_v2.jsonl"
+    # seeds 3-4 of the rows issue 14 compares with SetFit
+    for seed in 3 4; do
+      bench "${COMMON[@]}" --seeds 1 --first-seed "$seed" --strategies adamw,cone-source,cone-kshot,lp-ft
+    done
     ;;
   anchors)
-    for seed in 0 1 2; do
+    for seed in 0 1 2 3 4; do
       bench "${COMMON[@]}" --seeds 1 --first-seed "$seed" --strategies setfit
     done
     ;;
