@@ -12,7 +12,9 @@ stores work chunk by chunk, so no full fp32 copy of a reference is ever made.
 
 from __future__ import annotations
 
-from typing import Iterator, Optional, Union
+import threading
+import weakref
+from typing import Iterator, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
@@ -231,7 +233,45 @@ class Int8Store:
 
 
 LINEAR_BLOCKSIZE = 1024
-_last_linear: Optional[tuple[Tensor, Tensor, tuple[int, int], Tensor]] = None
+
+
+class _Int8Scratch(threading.local):
+    """This thread's fp32 scratch for :class:`LinearInt8Store`, and which chunk of which
+    store its first row holds dequantised.
+
+    Reused rather than allocated per call: a fresh fp32 chunk per call made the int8 passes
+    up to 4x slower (``benchmarks/results/int8_store.md``). Per thread, so that steps running
+    in two threads do not share it; two rows of _CHUNK floats (8 MiB) per thread and device.
+    On CUDA, reuse is ordered by the stream: passes of one thread must share one stream
+    (as an optimizer step's do).
+    """
+
+    def __init__(self) -> None:
+        self.bufs: dict[torch.device, Tensor] = {}
+        # (store, chunk, codes version, scale version) dequantised in row 0: the guidance
+        # step reads a reference twice in a row (``dot`` then ``sqnorm``, ``add_to_`` then
+        # ``lerp_``), so the second read costs nothing.
+        self.holds: Optional[tuple[weakref.ref, int, int, int]] = None
+
+    def buf(self, device: torch.device) -> Tensor:
+        b = self.bufs.get(device)
+        if b is None:
+            b = self.bufs[device] = torch.zeros(2, _CHUNK, dtype=torch.float32, device=device)
+        return b
+
+
+_int8_scratch = _Int8Scratch()
+
+
+class _Views(NamedTuple):
+    """One chunk's views of a thread's scratch (made once per store, chunk and thread)."""
+
+    buf: Tensor  # the whole scratch, to tell whose views these are
+    values: Tensor  # row 0, the chunk's length: its fp32 values
+    blocks: Tensor  # row 0 padded to whole blocks, as [blocks, blocksize]
+    pad: Tensor  # the padding of a short last block (often empty)
+    spare: Tensor  # row 1, the chunk's length: a gradient converted to fp32
+    spare_blocks: Tensor  # row 1 as [blocks, blocksize]
 
 
 class LinearInt8Store:
@@ -241,7 +281,8 @@ class LinearInt8Store:
 
     Plain torch ops (no code-book lookup), so they vectorise and compile. Costs 1 byte
     per element plus 4 per block (about 1.004 bytes per parameter). Works chunk by chunk
-    (chunks are whole blocks), never holding a full fp32 copy.
+    (chunks are whole blocks) in a per-thread fp32 scratch, never holding a full fp32 copy
+    nor allocating one per call.
 
     Example:
         >>> s = LinearInt8Store.quantize(torch.tensor([0.5, -1.0, 0.25]))
@@ -253,16 +294,32 @@ class LinearInt8Store:
 
     def __init__(self, codes: Tensor, scale: Tensor, shape: torch.Size) -> None:
         self.codes, self.scale, self._shape = codes, scale, torch.Size(shape)
+        bs = self.blocksize
+        # Per chunk: (start, end), its codes, its blocks' scales as a column. Made once, as
+        # are the scratch views below: a slice or view costs ~1 us, as much as a small
+        # tensor's whole dot.
+        self._chunks = [((s, e), codes[s:e], scale[s // bs: -(-e // bs)].view(-1, 1))
+                        for s, e in _spans(codes.numel(), _CHUNK)]  # _CHUNK is a multiple of bs
+        self._views: list[Optional[_Views]] = [None] * len(self._chunks)
+
+    def __getstate__(self) -> dict[str, object]:
+        # The tensors only: pickle would copy a chunk view apart from its base, and the
+        # scratch views belong to a thread (and would add its 8 MiB).
+        return {"codes": self.codes, "scale": self.scale, "shape": self._shape}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__init__(state["codes"], state["scale"], state["shape"])  # type: ignore[misc, arg-type]
 
     @classmethod
     def quantize(cls, x: Tensor) -> "LinearInt8Store":
         flat = x.detach().reshape(-1)
         n = flat.numel()
-        codes = torch.empty(n, dtype=torch.int8, device=x.device)
-        scale = torch.empty(-(-n // cls.blocksize), dtype=torch.float32, device=x.device)
-        store = cls(codes, scale, x.shape)
-        for (s, e), blocks in store._chunks():
-            store._encode(flat[s:e].float(), s, e, blocks)
+        store = cls(torch.empty(n, dtype=torch.int8, device=x.device),
+                    torch.empty(-(-n // cls.blocksize), dtype=torch.float32, device=x.device), x.shape)
+        for i, ((s, e), _, _) in enumerate(store._chunks):
+            _int8_scratch.holds = None
+            store._scratch(i).values.copy_(flat[s:e])
+            store._encode(i)
         return store
 
     @classmethod
@@ -275,56 +332,58 @@ class LinearInt8Store:
     def shape(self) -> torch.Size:
         return self._shape
 
-    def _chunks(self) -> Iterator[tuple[tuple[int, int], slice]]:
-        for s, e in _spans(self.codes.numel(), _CHUNK):  # _CHUNK is a multiple of the blocksize
-            yield (s, e), slice(s // self.blocksize, -(-e // self.blocksize))
+    def _scratch(self, i: int) -> _Views:
+        """Chunk ``i``'s views of this thread's scratch."""
+        buf = _int8_scratch.buf(self.codes.device)
+        v = self._views[i]
+        if v is None or v.buf is not buf:
+            (s, e), _, scale = self._chunks[i]
+            n, m, bs = e - s, scale.numel() * self.blocksize, self.blocksize
+            v = self._views[i] = _Views(buf, buf[0, :n], buf[0, :m].view(-1, bs), buf[0, n:m],
+                                        buf[1, :n], buf[1, :m].view(-1, bs))
+        return v
 
-    def _blocked(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(whole blocks as ``[m, blocksize]``, the short last block) of a chunk."""
-        full = x.numel() // self.blocksize * self.blocksize
-        return x[:full].view(-1, self.blocksize), x[full:]
+    def _encode(self, i: int) -> None:
+        """Quantise chunk ``i`` from the fp32 values in the scratch (which it overwrites)."""
+        _, codes, scale = self._chunks[i]
+        v = self._scratch(i)
+        if v.pad.numel():
+            v.pad.zero_()  # a short last block: zeros leave its absmax alone
+        torch.div(torch.abs(v.blocks, out=v.spare_blocks).amax(dim=1, keepdim=True), 127.0, out=scale)
+        # 1/scale, 0 where the block is 0 or not finite (and where 1/scale overflows)
+        inv = torch.reciprocal(scale).nan_to_num_(0.0, 0.0, 0.0)
+        v.blocks.mul_(inv).round_()
+        codes.copy_(v.values)
 
-    def _encode(self, x: Tensor, s: int, e: int, blocks: slice) -> None:
-        body, tail = self._blocked(x)
-        scale = self.scale[blocks]
-        parts = [body.abs().amax(dim=1)] + ([tail.abs().amax().reshape(1)] if tail.numel() else [])
-        torch.div(torch.cat(parts), 127.0, out=scale)
-        inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
-        codes_body, codes_tail = self._blocked(self.codes[s:e])
-        codes_body.copy_((body * inv[:body.shape[0], None]).round_())
-        if tail.numel():
-            codes_tail.copy_((tail * inv[-1]).round_())
+    def _dequant(self, i: int) -> Tensor:
+        """Chunk ``i`` in fp32, in the scratch: valid until this thread's next
+        LinearInt8Store call on this device."""
+        sc = _int8_scratch
+        _, codes, scale = self._chunks[i]
+        v = self._scratch(i)
+        key = (i, self.codes._version, self.scale._version)
+        if sc.holds is None or sc.holds[0]() is not self or sc.holds[1:] != key:
+            sc.holds = None  # until the chunk is in
+            v.values.copy_(codes)
+            # codes, then scale in place: torch.mul(int8, fp32, out=) makes an fp32 copy first.
+            v.blocks.mul_(scale)
+            sc.holds = (weakref.ref(self), *key)
+        return v.values
 
-    def _dequant(self, s: int, e: int, blocks: slice) -> Tensor:
-        # Same one-chunk cache as Int8Store: dot then sqnorm, add_to_ then lerp_ read it twice.
-        global _last_linear
-        single = e - s == self.codes.numel()
-        if single and _last_linear is not None:
-            codes, scale, versions, values = _last_linear
-            if codes is self.codes and scale is self.scale and versions == (codes._version, scale._version):
-                return values
-        body, tail = self._blocked(self.codes[s:e])
-        scale = self.scale[blocks]
-        out = torch.empty(e - s, device=self.codes.device)
-        out_body, out_tail = self._blocked(out)
-        torch.mul(body, scale[:body.shape[0], None], out=out_body)
-        if tail.numel():
-            torch.mul(tail, scale[-1], out=out_tail)
-        if single:
-            _last_linear = (self.codes, self.scale, (self.codes._version, self.scale._version), out)
-        return out
+    def _as_fp32(self, i: int, g: Tensor) -> Tensor:
+        """A gradient chunk as fp32: itself, or a copy in the spare scratch row."""
+        return g if g.dtype == torch.float32 else self._scratch(i).spare.copy_(g)
 
-    def _values(self) -> Iterator[tuple[tuple[int, int], Tensor]]:
-        for (s, e), blocks in self._chunks():
-            yield (s, e), self._dequant(s, e, blocks)
+    def _sum(self, parts: list[Tensor]) -> Tensor:
+        return sum(parts[1:], parts[0]) if parts else torch.zeros((), device=self.codes.device)
 
     def dot(self, g: Tensor) -> Tensor:
         gf = g.reshape(-1)
-        return sum((torch.dot(gf[s:e].float(), r) for (s, e), r in self._values()),
-                   torch.zeros((), device=g.device))
+        return self._sum([torch.dot(self._as_fp32(i, gf[s:e]), self._dequant(i))
+                          for i, ((s, e), _, _) in enumerate(self._chunks)])
 
     def sqnorm(self) -> Tensor:
-        return sum((torch.dot(r, r) for _, r in self._values()), torch.zeros((), device=self.codes.device))
+        return self._sum([torch.dot(r, r) for r in map(self._dequant, range(len(self._chunks)))])
 
     def add_to_(self, g: Tensor, b: Scalar) -> None:
         if not g.is_contiguous():  # e.g. channels_last: no flat view to write through
@@ -332,17 +391,23 @@ class LinearInt8Store:
             g.add_(r, alpha=b) if isinstance(b, float) else g.addcmul_(r, b)
             return
         gf = g.view(-1)
-        for (s, e), r in self._values():
+        for i, ((s, e), _, _) in enumerate(self._chunks):
+            r = self._dequant(i)
             gf[s:e].add_(r, alpha=b) if isinstance(b, float) else gf[s:e].addcmul_(r, b)
 
     def lerp_(self, g: Tensor, w: float) -> None:
         gf = g.reshape(-1)
-        for (s, e), blocks in self._chunks():
-            self._encode(self._dequant(s, e, blocks).lerp_(gf[s:e].float(), w), s, e, blocks)
+        for i, ((s, e), _, _) in enumerate(self._chunks):
+            r = self._dequant(i)
+            _int8_scratch.holds = None  # from here on the scratch no longer matches the codes
+            r.lerp_(self._as_fp32(i, gf[s:e]), w)
+            self._encode(i)
 
     def dense(self) -> Tensor:
-        return torch.cat([self.codes.new_empty(0, dtype=torch.float32), *(r for _, r in self._values())]
-                         ).view(self._shape)
+        out = torch.empty(self._shape.numel(), dtype=torch.float32, device=self.codes.device)
+        for i, ((s, e), _, _) in enumerate(self._chunks):
+            out[s:e].copy_(self._dequant(i))
+        return out.view(self._shape)
 
     def state(self) -> dict[str, Tensor]:
         return {"codes": self.codes, "scale": self.scale}
