@@ -201,20 +201,22 @@ def test_linear_int8_passes_on_gradients_not_contiguous_fp32_match_a_contiguous_
     assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale)
 
 
-def test_linear_int8_stores_in_two_threads_match_one_thread():
-    """Each thread has its own scratch: concurrent passes give the serial results."""
+@pytest.mark.parametrize("storage", ["int8", "bf16"])
+def test_stores_in_two_threads_match_one_thread(storage):
+    """Each thread has its own scratch (int8's chunks, bf16's fp32 copies): concurrent
+    passes give the serial results."""
     import threading
 
     xs = [_x(_CHUNK // 2 + 3001 * k, seed=k) for k in range(4)]
     gs = [_x(x.numel(), seed=10 + k) for k, x in enumerate(xs)]
 
     def run(k, out):
-        s = LinearInt8Store.quantize(xs[k])
+        s = make_store(xs[k], storage)
         res = []
         for _ in range(5):
             res += [s.dot(gs[k]), s.sqnorm()]
             s.lerp_(gs[k], 0.2)
-        out[k] = res + [s.codes.clone(), s.scale.clone()]
+        out[k] = res + [s.dense().clone()]
 
     serial, threaded = {}, {}
     for k in range(4):
