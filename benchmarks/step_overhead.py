@@ -287,10 +287,28 @@ def build(args: argparse.Namespace):
                           ema_init=ref_tensors[regime] if kind == "ema" else None)
             c.step_fn = torch.compile(opt.step)
             cands.append(c)
+        # GuidedOptimizer over fused AdamW with the compiled fused guided update
+        # (sgg_optim.fused: apply pass and EMA update inside the AdamW sweep); the rows
+        # above over fused AdamW have it switched off (eager), see eager() below
+        for kind, regime in (("frozen", "active"), ("ema", "active")):
+            reference = Reference(dict(zip(names, ref_tensors[regime]))).bind(model) if kind == "frozen" else "ema"
+            opt = GuidedOptimizer(adamw(fused=True), reference=reference, **guidance)
+            cands.append(Candidate(f"fused-update {'ema' if kind == 'ema' else 'guided'} fp32 global {regime}", opt,
+                                   storage="fp32", scope="global", regime=regime, kind=f"fused-update-{kind}",
+                                   ema_init=ref_tensors[regime] if kind == "ema" else None))
         plain = Candidate("compiled AdamW foreach", adamw(foreach=True), kind="compiled-base")
         plain.step_fn = torch.compile(plain.opt.step)
         cands.append(plain)
+    for c in cands:
+        if isinstance(c.opt, GuidedOptimizer) and not c.kind.startswith("fused-update"):
+            eager(c.opt)
     return model, params, n_params, grads, g0, cands, ref_tensors
+
+
+def eager(opt: GuidedOptimizer) -> GuidedOptimizer:
+    """Switch the fused guided AdamW update off: the eager apply pass, EMA update and base step."""
+    opt._fused_update = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    return opt
 
 
 def bytes_per_param(c: Candidate) -> float:
@@ -302,6 +320,10 @@ def bytes_per_param(c: Candidate) -> float:
     if c.kind in ("fused", "foreach", "compiled-base"):
         return 28.0
     rb = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "int8-dynamic": 1.0}[c.storage]
+    if c.kind.startswith("fused-update"):
+        # statistics pass (read g, r), then one sweep: AdamW's 28 B + read r, write g'
+        # (left in .grad as the eager path leaves it), + write r for an EMA reference
+        return 28.0 + (4 + rb) + (rb + 4) + (rb if c.kind.endswith("ema") else 0.0)
     extra = 4 + rb + c.extra_bytes  # statistics pass (+ a separate g.mul_(a): read and write g)
     if c.regime == "active":
         extra += 8 + rb  # apply pass
@@ -662,6 +684,9 @@ def profile_steps(c: Candidate, grads, g0, steps: int = 5) -> str:
 # report
 # ------------------------------------------------------------------------------------
 def main() -> None:
+    from sgg_optim import fused
+
+    fused.enabled = True  # the opt-in fused update: its rows measure it; every other guided row stays eager
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=None, help="timed round-robin rounds (default 20, quick 8)")
     ap.add_argument("--warmup", type=int, default=12, help="warm-up steps per candidate (>= warmup_steps + 1)")

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from . import fused as fused_mod
 from .checkpoint import pack_guidance, unpack_guidance
 from .config import GuidanceConfig
 from .functional import (FIGURES, Coefficients, apply_guidance_, block_stats, block_stats_rescaled,
@@ -382,6 +383,13 @@ class GuidedOptimizer(Optimizer):
 
         ema_refs = [ema[i] for i in index] if use_ema else None
         weight = 1.0 - cfg.ema_beta
+        fused = self._fused_update(params, grads, refs, ema_refs, weight, group, guided,
+                                   (a_blocks, b_blocks) if cfg.nonfinite == "propagate" else (a_host, b_host))
+        if fused is not None:
+            st.ema.update(new_ema)
+            st.blocks = new_blocks
+            st.accepted += 1
+            return _AfterGuide(fused=fused)
         scale = None if cfg.nonfinite == "propagate" else self._folded_scale(grads, a, b, group)
         if scale is None and (direction_on or cfg.magnitude != "off" or use_ema):
             apply_guidance_(grads, refs, a, b, ema_refs, weight)
@@ -391,10 +399,13 @@ class GuidedOptimizer(Optimizer):
         return _AfterGuide(scale, (grads, ema_refs, weight) if scale is not None and ema_refs is not None else None)
 
     def _base_step(self, after: "_AfterGuide") -> None:
-        """The base optimizer's step; with a folded scale, then the EMA update toward the
+        """The base optimizer's step: the fused guided AdamW update in its place when
+        :meth:`_fused_update` chose it; with a folded scale, then the EMA update toward the
         gradients the fused kernel wrote back."""
         base = self.base_optimizer
-        if after.grad_scale is None:
+        if after.fused is not None:
+            after.fused()
+        elif after.grad_scale is None:
             base.step()
         else:
             base.grad_scale = after.grad_scale  # read by torch's fused Adam/AdamW, as GradScaler sets it
@@ -406,6 +417,40 @@ class GuidedOptimizer(Optimizer):
             grads, stores, weight = after.ema
             for g, r in zip(grads, stores):
                 r.lerp_(g, weight)
+
+    def _fused_update(self, params: list[Tensor], grads: list[Tensor], refs: list[list[Optional[Store]]],
+                      ema_refs: Optional[list[Store]], weight: float, group: Any,
+                      guided: list[tuple[int, int, Tensor]], coef: tuple[Any, Any]) -> Optional[Callable[[], None]]:
+        """The base step with the apply pass and the EMA update folded into it (one sweep
+        per tensor, :mod:`sgg_optim.fused`), or None where it does not apply: see
+        :func:`sgg_optim.fused.refusal`. With host coefficients (``nonfinite="skip"``
+        or ``"raise"``) and no EMA reference, a step whose ``b`` are all 0 keeps the
+        cheaper paths (identity blocks untouched, a folded ``grad_scale``)."""
+        a_c, b_c = coef
+        k = len(refs[0]) if refs else 0
+        if ema_refs is not None:
+            refs = [[r] for r in ema_refs]  # the same tensors; also during warm-up (then b = 0)
+        width = len(refs[0]) if refs else 0
+        if group is not None:
+            return None
+        host = isinstance(a_c, list)
+        if host and ema_refs is None and all(x == 0.0 for x in b_c):
+            return None
+        if fused_mod.refusal(self.base_optimizer, params, grads, refs) is not None:
+            return None
+        device = grads[0].device
+        if host:
+            nb = len(a_c)
+            table = torch.tensor([[a_c[j], *b_c[j * k:(j + 1) * k]] + [0.0] * (width - k) for j in range(nb)],
+                                 dtype=torch.float32).to(device)
+        else:
+            table = torch.cat([a_c.unsqueeze(1), b_c] + ([b_c.new_zeros(len(a_c), width - k)] if width > k else []),
+                              dim=1)
+        tensors = [[None if r is None else r.tensor for r in rs] for rs in refs]  # type: ignore[union-attr]
+        block_ids = [blk for _, blk, _ in guided]
+        base = self.base_optimizer
+        return lambda: fused_mod.fused_step_(base, params, grads, tensors, table, block_ids,  # type: ignore[arg-type]
+                                             weight if ema_refs is not None else None)
 
     def _folded_scale(self, grads: list[Tensor], a: list[Any], b: list[list[Any]], group: Any) -> Optional[Tensor]:
         """``1/a`` as ``grad_scale`` for the base optimizer's fused kernel, or None.
@@ -583,6 +628,7 @@ class _AfterGuide(NamedTuple):
 
     grad_scale: Optional[Tensor] = None
     ema: Optional[tuple[list[Tensor], list[Store], float]] = None
+    fused: Optional[Callable[[], None]] = None  # the fused guided AdamW step, in place of base.step()
 
 
 @dataclass

@@ -32,6 +32,14 @@ class FoldWatch:
         self.stats.append(dict(opt.stats))
 
 
+
+@pytest.fixture(autouse=True)
+def _fused_update_on(monkeypatch):
+    """The fused update is opt-in (``sgg_optim.fused.enabled``); these tests switch it on."""
+    from sgg_optim import fused
+
+    monkeypatch.setattr(fused, "enabled", True)
+
 def run(model, opt, steps: int = 20, same_batch: bool = False) -> None:
     """``steps`` steps, each on a new batch or (``same_batch``) all on batch 0: the
     gradient then turns slowly and an EMA reference follows it, inside the cone."""
@@ -224,3 +232,127 @@ def test_no_fold_where_one_scale_would_not_be_exact(case):
         assert watch.folded == [True] * 5 and torch.equal(opt.base_optimizer.grad_scale, torch.ones(()))
     else:
         assert watch.folded == [False] * 5
+
+
+# ------------------------------------------------------------------------------------
+# the fused guided AdamW update (sgg_optim.fused): apply pass and EMA update folded into
+# the AdamW sweep, compiled with torch.compile. Compiling costs tens of seconds a case on
+# CPU, so a few cases cover the direction and magnitude rules and both reference kinds.
+# ------------------------------------------------------------------------------------
+FUSED_CASES = {
+    "cone, EMA reference, adaptive, propagate": dict(warmup_steps=3, max_angle=30, nonfinite="propagate"),
+    "project, frozen reference, clip, tensor scope": dict(reference="source", direction="project",
+                                                          scope="tensor", magnitude="clip", max_norm=MAX_NORM),
+    "blend, EMA reference, clip": dict(direction="blend", strength=0.3, warmup_steps=2, magnitude="clip",
+                                       max_norm=MAX_NORM),
+    "cone, frozen reference, adaptive, propagate": dict(reference="source", max_angle=20, warmup_steps=3,
+                                                        nonfinite="propagate"),
+}
+
+
+class FusedSpy:
+    """Counts the steps that took the fused guided update (no hook on the base optimizer:
+    step hooks there send the step down the eager path)."""
+
+    def __init__(self, monkeypatch) -> None:
+        from sgg_optim import fused
+        self.calls = 0
+        real = fused.fused_step_
+
+        def spy(*args, **kwargs):
+            self.calls += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(fused, "fused_step_", spy)
+
+
+@pytest.mark.parametrize("case", list(FUSED_CASES))
+def test_fused_guided_update_matches_eager_guided_path(case, monkeypatch):
+    """GuidedAdamW(fused=True) takes the compiled fused update from its second step (the
+    first creates torch's AdamW state; with host coefficients and a frozen reference,
+    only on steps that rotate some block) and matches the eager guided path (foreach) within
+    1e-6 relative over 20 steps: parameters, both moments, the guided gradients left in
+    .grad and the EMA reference; guidance really acted."""
+    spy = FusedSpy(monkeypatch)
+    runs = []
+    for flag in ("fused", "foreach"):
+        model = tiny_mlp()
+        kw = dict(FUSED_CASES[case])
+        if kw.get("reference") == "source":
+            kw["reference"] = _source(model)
+        opt = GuidedAdamW(model.parameters(), LR, **{flag: True}, **kw)
+        stats, grads = [], []
+        for s in range(20):
+            opt.zero_grad()
+            backward(model, s)
+            opt.step()
+            stats.append(dict(opt.stats))
+            grads.append([p.grad.clone() for p in model.parameters()])
+        runs.append((model, opt, stats, grads))
+        if flag == "fused":
+            if "EMA" in case or "propagate" in case:
+                assert spy.calls == 19, spy.calls
+            else:  # host coefficients, frozen reference: a step with every b = 0 keeps the cheaper paths
+                assert spy.calls == sum(st["projected"] > 0 for st in stats[1:]) >= 5, spy.calls
+    (fm, fo, _, fg), (um, uo, us, ug) = runs
+    assert_close_rel(list(fm.parameters()), list(um.parameters()))
+    assert_close_rel(adam_state(fo, fm), adam_state(uo, um))
+    assert [fo.state[p]["step"].item() for p in fm.parameters()] == [20.0] * 4
+    for f, u in zip(fg, ug):
+        assert_close_rel(f, u)
+    if "EMA" in case:
+        assert_close_rel(ema_values(fo), ema_values(uo))
+    acted = [s["projected"] > 0 or s["scale"] < 1 for s in us]
+    assert sum(acted) >= 5, acted
+
+
+def test_fused_guided_function_eager_equals_compiled():
+    """The function itself: uncompiled (the reference) and compiled agree within 1e-6,
+    two param groups (their own lr and weight decay), two blocks, two references one of
+    which is missing for one tensor."""
+    from sgg_optim.fused import adamw_scalars, compiled_guided_adamw, guided_adamw_
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(5, 3), (7,), (4, 4)]
+
+    def state():
+        t = [torch.randn(s, generator=gen) for s in shapes for _ in range(6)]
+        return [t[i::6] for i in range(6)]  # params, grads, m, v(abs), r1, r2
+
+    a, b = state(), None
+    a[3] = [v.abs() for v in a[3]]
+    b = [[x.clone() for x in lst] for lst in a]
+    coef = torch.tensor([[0.8, 0.1, -0.2], [1.1, 0.0, 0.3]])
+    hyper = torch.tensor([[1e-2, 0.9, 0.999, 1e-8, 0.01], [3e-3, 0.8, 0.99, 1e-6, 0.0]], dtype=torch.float64)
+    gids, bids = torch.tensor([0, 1, 1]), [0, 1, 0]
+    for fn, (p, g, m, v, r1, r2) in ((guided_adamw_, a), (compiled_guided_adamw(False), b)):
+        steps = [torch.tensor(3.0) for _ in shapes]
+        refs = [[r1[0], r2[0]], [r1[1], None], [r1[2], r2[2]]]
+        for _ in range(3):
+            fn(p, g, m, v, refs, coef, bids, adamw_scalars(steps, hyper, gids))
+        assert [s.item() for s in steps] == [6.0] * 3
+    for x, y in zip(a, b):
+        assert_close_rel(y, x)
+
+
+@pytest.mark.parametrize("case", ["bf16 reference", "amsgrad", "base step hook", "foreach base", "switched off"])
+def test_fused_guided_update_falls_back_where_it_does_not_apply(case, monkeypatch):
+    """bf16 (or int8) reference stores, amsgrad, a base optimizer with step hooks, an
+    unfused AdamW and ``sgg_optim.fused.enabled = False`` keep the eager path (no
+    compilation)."""
+    spy = FusedSpy(monkeypatch)
+    model = tiny_mlp()
+    kw = dict(direction="cone", warmup_steps=2, max_angle=30)
+    flag = dict(foreach=True) if case == "foreach base" else dict(fused=True)
+    if case == "bf16 reference":
+        kw["reference_dtype"] = "bf16"
+    if case == "amsgrad":
+        kw["amsgrad"] = True
+    opt = GuidedAdamW(model.parameters(), LR, **flag, **kw)
+    if case == "base step hook":
+        opt.base_optimizer.register_step_pre_hook(lambda *args: None)
+    if case == "switched off":
+        from sgg_optim import fused
+        monkeypatch.setattr(fused, "enabled", False)
+    run(model, opt, steps=5)
+    assert spy.calls == 0
+    assert opt.stats["step"] == 5
