@@ -171,6 +171,13 @@ def timed_passes(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             for k, op in cells}
 
 
+def _table(title: str, head: str, rows: list[str]) -> list[str]:
+    """A results section: title, header, rows (each also printed as it is ready)."""
+    for row in rows:
+        print(row, flush=True)
+    return ["", f"## {title}\n", head, "|" + "---|" * (head.count("|") - 1), *rows]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=15)
@@ -195,22 +202,16 @@ def main() -> None:
     if "cos" in sections:
         cos_section(args, lines, numel)
     clk = "CPU" if args.threads == 1 else "wall"
+    where = f"{args.threads} thread(s), median of {args.rounds} interleaved rounds, {clk} time"
     if "steps" in sections:
-        res = timed_steps(args)
-        lines += ["", f"## Optimizer step, {numel / 1e6:.2f}M fp32 parameters in 194 tensors ({args.mix}), "
-                  f"{args.threads} thread(s), median of {args.rounds} interleaved rounds, {clk} time\n",
-                  "| step | ms | x fused AdamW | blocks rotated (last step) |", "|---|---|---|---|"]
-        for name, r in res.items():
-            lines.append(f"| {name} | {r['ms']:.1f} | {r['ratio']:.2f} | {r['projected']:.2f} |")
-            print(lines[-1], flush=True)
+        lines += _table(f"Optimizer step, {numel / 1e6:.2f}M fp32 parameters in 194 tensors ({args.mix}), {where}",
+                        "| step | ms | x fused AdamW | blocks rotated (last step) |",
+                        [f"| {n} | {r['ms']:.1f} | {r['ratio']:.2f} | {r['projected']:.2f} |"
+                         for n, r in timed_steps(args).items()])
     if "passes" in sections:
-        res = timed_passes(args)
-        lines += ["", f"## Store passes over {numel / 1e6:.2f}M parameters in 194 tensors ({args.mix}), "
-                  f"{args.threads} thread(s), median of {args.rounds} interleaved rounds, {clk} time\n",
-                  "| store | pass | ms | x fp32 |", "|---|---|---|---|"]
-        for name, r in res.items():
-            lines.append(f"| {name} | {r['ms']:.1f} | {r['ratio']:.2f} |")
-            print(lines[-1], flush=True)
+        lines += _table(f"Store passes over {numel / 1e6:.2f}M parameters in 194 tensors ({args.mix}), {where}",
+                        "| store | pass | ms | x fp32 |",
+                        [f"| {n} | {r['ms']:.1f} | {r['ratio']:.2f} |" for n, r in timed_passes(args).items()])
     load = os.getloadavg()
     lines.append(f"\nLoad average at the end: {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}.")
     if args.out:
