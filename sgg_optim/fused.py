@@ -114,6 +114,29 @@ _FAILED: list[str] = []  # the compile error, once compilation failed in this pr
 enabled: bool = False
 
 
+def base_refusal(base: torch.optim.Optimizer, grads: Sequence[Tensor],
+                 kinds: tuple[type, ...] = (torch.optim.AdamW,)) -> Optional[str]:
+    """Why ``base``'s fused kernel cannot take over a step on exactly the guided ``grads``,
+    or None: it must be one of ``kinds`` with ``fused=True`` in every group, without a
+    ``grad_scale``/``found_inf`` of its own, outside ``torch.compile``, on CPU or CUDA,
+    stepping no parameter that guidance does not. Shared by the folded ``grad_scale``
+    (``GuidedOptimizer._folded_scale``) and :func:`refusal`.
+    """
+    if type(base) not in kinds:
+        return f"the base optimizer is not torch.optim.{' or '.join(k.__name__ for k in kinds)}"
+    if not all(pg.get("fused") for pg in base.param_groups):
+        return "not fused=True in every param group"
+    if getattr(base, "grad_scale", None) is not None or getattr(base, "found_inf", None) is not None:
+        return "grad_scale or found_inf set"
+    if torch.compiler.is_compiling():
+        return "inside torch.compile"
+    if any(g.device.type not in ("cpu", "cuda") for g in grads):
+        return f"device {grads[0].device.type}"
+    if sum(p.grad is not None for pg in base.param_groups for p in pg["params"]) != len(grads):
+        return "the base optimizer steps parameters that guidance does not"
+    return None
+
+
 def refusal(base: torch.optim.Optimizer, params: Sequence[Tensor], grads: Sequence[Tensor],
             refs: Sequence[Sequence[Optional[object]]]) -> Optional[str]:
     """Why the fused guided update cannot replace ``base.step()`` here, or None if it can.
@@ -129,29 +152,20 @@ def refusal(base: torch.optim.Optimizer, params: Sequence[Tensor], grads: Sequen
     from .storage import DenseStore
     if not enabled:
         return "not switched on (sgg_optim.fused.enabled is False)"
-    if type(base) is not torch.optim.AdamW:
-        return "the base optimizer is not torch.optim.AdamW"
+    why = base_refusal(base, grads)
+    if why is not None:
+        return why
     for pg in base.param_groups:
-        if not pg.get("fused"):
-            return "not fused=True in every param group"
         if pg.get("amsgrad") or pg.get("maximize") or pg.get("capturable") or pg.get("differentiable"):
             return "amsgrad, maximize, capturable or differentiable"
         if any(isinstance(pg[k], Tensor) for k in ("lr", "weight_decay", "eps")) or \
                 any(isinstance(b, Tensor) for b in pg["betas"]):
             return "a tensor hyperparameter"
-    if getattr(base, "grad_scale", None) is not None or getattr(base, "found_inf", None) is not None:
-        return "grad_scale or found_inf set"
     from torch.optim import optimizer as optim_mod
     if (base._optimizer_step_pre_hooks or base._optimizer_step_post_hooks
             or optim_mod._global_optimizer_pre_hooks or optim_mod._global_optimizer_post_hooks):
         return "the base optimizer has step hooks"
-    if torch.compiler.is_compiling():
-        return "inside torch.compile"
     device = grads[0].device
-    if device.type not in ("cpu", "cuda"):
-        return f"device {device.type}"
-    if sum(p.grad is not None for pg in base.param_groups for p in pg["params"]) != len(grads):
-        return "the base optimizer steps parameters that guidance does not"
     for p, g in zip(params, grads):
         st = base.state.get(p)
         if not st or "exp_avg" not in st:

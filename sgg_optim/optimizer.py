@@ -383,20 +383,19 @@ class GuidedOptimizer(Optimizer):
 
         ema_refs = [ema[i] for i in index] if use_ema else None
         weight = 1.0 - cfg.ema_beta
-        fused = self._fused_update(params, grads, refs, ema_refs, weight, group, guided,
-                                   (a_blocks, b_blocks) if cfg.nonfinite == "propagate" else (a_host, b_host))
-        if fused is not None:
-            st.ema.update(new_ema)
-            st.blocks = new_blocks
-            st.accepted += 1
-            return _AfterGuide(fused=fused)
-        scale = None if cfg.nonfinite == "propagate" else self._folded_scale(grads, a, b, group)
-        if scale is None and (direction_on or cfg.magnitude != "off" or use_ema):
-            apply_guidance_(grads, refs, a, b, ema_refs, weight)
+        after = _AfterGuide(fused=self._fused_update(
+            params, grads, refs, ema_refs, weight, group, guided,
+            (a_blocks, b_blocks) if cfg.nonfinite == "propagate" else (a_host, b_host)))
+        if after.fused is None:
+            scale = None if cfg.nonfinite == "propagate" else self._folded_scale(grads, a, b, group)
+            if scale is None and (direction_on or cfg.magnitude != "off" or use_ema):
+                apply_guidance_(grads, refs, a, b, ema_refs, weight)
+            after = _AfterGuide(scale, (grads, ema_refs, weight) if scale is not None and ema_refs is not None
+                                else None)
         st.ema.update(new_ema)
         st.blocks = new_blocks
         st.accepted += 1
-        return _AfterGuide(scale, (grads, ema_refs, weight) if scale is not None and ema_refs is not None else None)
+        return after
 
     def _base_step(self, after: "_AfterGuide") -> None:
         """The base optimizer's step: the fused guided AdamW update in its place when
@@ -426,13 +425,13 @@ class GuidedOptimizer(Optimizer):
         :func:`sgg_optim.fused.refusal`. With host coefficients (``nonfinite="skip"``
         or ``"raise"``) and no EMA reference, a step whose ``b`` are all 0 keeps the
         cheaper paths (identity blocks untouched, a folded ``grad_scale``)."""
+        if not fused_mod.enabled or group is not None:  # opt-in; the default pays nothing below
+            return None
         a_c, b_c = coef
         k = len(refs[0]) if refs else 0
         if ema_refs is not None:
             refs = [[r] for r in ema_refs]  # the same tensors; also during warm-up (then b = 0)
         width = len(refs[0]) if refs else 0
-        if group is not None:
-            return None
         host = isinstance(a_c, list)
         if host and ema_refs is None and all(x == 0.0 for x in b_c):
             return None
@@ -465,14 +464,11 @@ class GuidedOptimizer(Optimizer):
         ``torch.optim.Adam``/``AdamW``, fused in every group, with no ``grad_scale`` of its
         own, that steps exactly the guided gradients.
         """
-        base, a0 = self.base_optimizer, a[0]
+        a0 = a[0]
         if (a0 == 1.0 or not 1e-30 < abs(a0) < 1e30 or any(x != a0 for x in a)
-                or any(bi != 0.0 for row in b for bi in row)
-                or type(base) not in (torch.optim.Adam, torch.optim.AdamW) or group is not None
-                or torch.compiler.is_compiling() or not all(pg.get("fused") for pg in base.param_groups)
-                or getattr(base, "grad_scale", None) is not None or getattr(base, "found_inf", None) is not None
-                or any(g.dtype != torch.float32 or g.device.type not in ("cpu", "cuda") for g in grads)
-                or sum(p.grad is not None for pg in base.param_groups for p in pg["params"]) != len(grads)):
+                or any(bi != 0.0 for row in b for bi in row) or group is not None
+                or any(g.dtype != torch.float32 for g in grads)
+                or fused_mod.base_refusal(self.base_optimizer, grads, (torch.optim.Adam, torch.optim.AdamW))):
             return None
         return torch.full((), 1.0 / a0, device=grads[0].device)
 
