@@ -218,6 +218,15 @@ def choose_lr(rows: Iterable[Mapping[str, Any]], lrs: Optional[Mapping[str, Sequ
     return out
 
 
+def chosen_by_strategy(rows: Iterable[Mapping[str, Any]], lrs: Optional[Mapping[str, Sequence[float]]] = None,
+                       ) -> dict[str, dict[tuple, Mapping[str, Any]]]:
+    """:func:`choose_lr` regrouped: ``{strategy: {(task, K, seed): row at its chosen lr}}``."""
+    out: dict[str, dict[tuple, Mapping[str, Any]]] = defaultdict(dict)
+    for key, r in choose_lr(rows, lrs).items():
+        out[key[-1]][key[:-1]] = r
+    return out
+
+
 def _finite_or(value: float, default: float) -> float:
     return value if math.isfinite(value) else default
 
@@ -334,10 +343,7 @@ def at_chosen_lr(rows: Iterable[Mapping[str, Any]], baseline: str = "adamw",
     over (task, K, seed), how often each lr was chosen, and the paired difference against
     ``baseline`` at *its* chosen lr."""
     rows = list(rows)
-    chosen = choose_lr(rows, lrs)
-    by_strategy: dict[str, dict[tuple, Mapping[str, Any]]] = defaultdict(dict)
-    for key, r in chosen.items():
-        by_strategy[key[-1]][key[:-1]] = r
+    by_strategy = chosen_by_strategy(rows, lrs)
     base = by_strategy.get(baseline)
     out = []
     for s in _strategies(rows):
@@ -401,10 +407,7 @@ def on_validation(rows: Iterable[Mapping[str, Any]], baseline: str = "adamw",
     ``baseline`` at its chosen lr, and the worst seed of both over the same pairs.
     The baseline compares with itself as pass-through (a zero difference).
     """
-    chosen = choose_lr(list(rows), lrs)
-    by_strategy: dict[str, dict[tuple, Mapping[str, Any]]] = defaultdict(dict)
-    for key, r in chosen.items():
-        by_strategy[key[-1]][key[:-1]] = r
+    by_strategy = chosen_by_strategy(list(rows), lrs)
     base = by_strategy.get(baseline, {})
     out = []
     for s, by_pair in by_strategy.items():
@@ -482,10 +485,7 @@ def claims(rows: Iterable[Mapping[str, Any]], baseline: str = "adamw",
       (goal ``GOAL_CV``: the interval's upper end at or below it).
     """
     rows = list(rows)
-    chosen = choose_lr(rows, lrs)
-    at: dict[str, dict[tuple, Mapping[str, Any]]] = defaultdict(dict)
-    for key, r in chosen.items():
-        at[key[-1]][key[:-1]] = r
+    at = chosen_by_strategy(rows, lrs)
     runs: dict[str, dict[tuple, Mapping[str, Any]]] = defaultdict(dict)
     for r in rows:
         runs[r["strategy"]][pair_of(r) + (float(r.get("lr", 0.0)),)] = r
@@ -553,10 +553,7 @@ def forgetting(rows: Iterable[Mapping[str, Any]], baseline: str = "pretrained", 
     [('adamw', 0.2, None), ('kind', 0.1, -0.1)]
     """
     rows = [r for r in rows if r.get("retention")]
-    chosen = choose_lr(rows, lrs)
-    by_strategy: dict[str, dict[tuple, Mapping[str, Any]]] = defaultdict(dict)
-    for key, r in chosen.items():
-        by_strategy[key[-1]][key[:-1]] = r
+    by_strategy = chosen_by_strategy(rows, lrs)
     before = by_strategy.get(baseline, {})
     tasks = sorted({t for r in rows for t in r["retention"]})
 
