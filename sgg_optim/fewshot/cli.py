@@ -87,18 +87,26 @@ def require(modules: Sequence[str], command: str) -> None:
                          + " ".join(f"pip install 'sgg-optim[{e}]'" for e in extras))
 
 
-def demo(args: argparse.Namespace) -> int:
-    t0 = time.perf_counter()
-    require(("matplotlib", "tqdm", "peft"), "demo")
+def _start(args: argparse.Namespace, command: str, needs: Sequence[str] = ()) -> None:
+    """What every training subcommand does first: stop at once if an optional package it
+    needs is missing (naming the extra), quiet the libraries, set torch's threads
+    (``--threads``) and keep freed memory for reuse (:func:`keep_freed_memory`)."""
+    if needs:
+        require(needs, command)
     _quiet_libraries()
     import torch
 
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    keep_freed_memory()
+
+
+def demo(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    _start(args, "demo", ("matplotlib", "tqdm", "peft"))
     from .plots import comparison_plot
     from .protocol import SOURCE_TASK
     from .tasks import load_task
 
-    torch.set_num_threads(args.threads or torch.get_num_threads())
-    keep_freed_memory()
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise SystemExit(f"sgg-optim demo: --out {out} is a file; give a folder")
@@ -146,11 +154,7 @@ def demo(args: argparse.Namespace) -> int:
 
 def bench(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    _quiet_libraries()
-    import torch
-
-    torch.set_num_threads(args.threads or torch.get_num_threads())
-    keep_freed_memory()
+    _start(args, "bench")
     store = ResultsFile(Path(args.results))
     rows = run_grid(args.tasks.split(","), args.strategies.split(","), [int(k) for k in args.shots.split(",")],
                     list(range(args.first_seed, args.first_seed + args.seeds)), args.steps, store,
@@ -221,17 +225,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def compare_cmd(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    require(("matplotlib", "tqdm", "datasets"), "compare")
-    _quiet_libraries()
+    _start(args, "compare", ("matplotlib", "tqdm", "datasets"))
     import shlex
-
-    import torch
 
     from .compare import compare, check_strategies
     from .data import load_data
 
-    torch.set_num_threads(args.threads or torch.get_num_threads())
-    keep_freed_memory()
     cols = dict(text_column=args.text_column, label_column=args.label_column,
                 text_pair_column=args.text_pair_column)
     try:
@@ -252,8 +251,7 @@ def compare_cmd(args: argparse.Namespace) -> int:
 
 
 def capture_cmd(args: argparse.Namespace) -> int:
-    require(("tqdm", "datasets"), "capture")
-    _quiet_libraries()
+    _start(args, "capture", ("tqdm", "datasets"))
     import torch
     from tqdm.auto import tqdm
 
@@ -262,7 +260,6 @@ def capture_cmd(args: argparse.Namespace) -> int:
     from .data import load_data
     from .training import RunConfig, balanced_batches
 
-    torch.set_num_threads(args.threads or torch.get_num_threads())
     try:
         task = load_data(args.data, text_column=args.text_column, label_column=args.label_column,
                          text_pair_column=args.text_pair_column, test_size=0.2)
