@@ -153,15 +153,7 @@ def test_multi_source_row_reports_alignment_weights():
     task = synthetic_task()
     sources = (synthetic_task("src-a", seed=1), three_way_task())
     cfg = RunConfig(steps=3, batch_size=4, max_length=12)
-    torch.manual_seed(0)
-    pretrained = tiny_factory(task)[0].state_dict()
-
-    def factory(t):  # the same "pretrained" encoder for every task, a fresh head per build
-        model, tok = tiny_factory(t)
-        model.load_state_dict({k: v for k, v in pretrained.items() if not k.startswith("classifier")},
-                              strict=False)
-        return model, tok
-
+    factory = _pretrained_encoder_factory(task)
     row = run_cell(task, get_strategy("cone-sources"), 2, 0, factory, cfg, lr=1e-3, sources=sources)
     assert set(row["source_weights"]) == {"src-a", "src3"}
     assert len(row["trace"]["weights"]) == 3 and all(len(w) == 2 for w in row["trace"]["weights"])
