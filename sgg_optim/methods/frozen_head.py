@@ -100,14 +100,10 @@ def fit_logistic(features: Tensor, labels: Sequence[int], num_labels: int, *, l2
     return w.detach().float(), b.detach().float()
 
 
-def _balanced(labels: Sequence[int], n: int) -> list[int]:
-    return query_indices(list(labels), n)
-
-
 def fit_head(model: nn.Module, tokenizer: Any, task: Any, *, max_length: int, n_fit: int = 1000) -> FrozenHead:
     """A :class:`FrozenHead` for ``task`` on ``model``'s current (pretrained) features,
     fitted on a fixed, class-balanced subset of ``n_fit`` of its train texts."""
-    idx = _balanced(task.train_labels, n_fit)
+    idx = query_indices(list(task.train_labels), n_fit)
     feats = sentence_features(model, tokenizer, [task.train_texts[i] for i in idx], max_length=max_length)
     w, b = fit_logistic(feats, [task.train_labels[i] for i in idx], task.num_labels)
     return FrozenHead(task.name, w, b, len(idx))
@@ -119,7 +115,7 @@ def head_accuracy(model: nn.Module, tokenizer: Any, task: Any, head: FrozenHead,
     ``n_eval`` eval texts of ``task``."""
     if head.task != task.name:
         raise ValueError(f"head was fitted on {head.task!r}, not {task.name!r}")
-    idx = _balanced(task.eval_labels, n_eval) if n_eval is not None else list(range(len(task.eval_labels)))
+    idx = query_indices(list(task.eval_labels), n_eval)  # None: all of them
     feats = sentence_features(model, tokenizer, [task.eval_texts[i] for i in idx], max_length=max_length)
     truth = torch.tensor([task.eval_labels[i] for i in idx])
     return (head.predict(feats) == truth).float().mean().item()
