@@ -20,18 +20,46 @@ COMMON=(--tasks "$TASKS" --shots 16 --lrs 2e-5,5e-5,1e-4,2e-4 --threads 1
         --results "$HERE/benchmarks/results/protocol_v2.jsonl")
 MAIN=adamw,adamw-clip,cone-ema,cone-source,cone-kshot,lp-ft
 CANDIDATES=adamw,project-ema,cone-ema-w3
+main_seed() {
+  bench "${COMMON[@]}" --seeds 1 --first-seed "$1" --strategies "$MAIN"
+  bench "${COMMON[@]}" --seeds 1 --first-seed "$1" --strategies "$CANDIDATES"
+}
+# Forgetting (issue 10, item 5a): vader-movie read through a head fitted on the untuned
+# encoder and frozen, after tuning on the three VADER targets; `pretrained` is the before
+# figure. Its own file: the retention tasks are not part of a run's key.
+forgetting() {
+  bench --tasks vader-amazon,vader-nyt,vader-tweets --shots 16 --lrs 2e-5,5e-5,1e-4,2e-4 --threads 1 \
+    --seeds 1 --first-seed "$1" --strategies pretrained,adamw,project-source,cone-source,cone-ema \
+    --retention vader-movie --retention-n 500 --results "$HERE/benchmarks/results/forgetting_v2.jsonl"
+}
+# L-Tuning (prefix) on its own learning-rate grid (it trains label embeddings and a prefix
+# only, so the full-model grid is far too small for it); the report picks its lr on validation.
+ltuning() {
+  (cd "$TREE" && python -m sgg_optim.fewshot.cli bench --tasks "$TASKS" --shots 16 --threads 1 \
+    --seeds 1 --first-seed "$1" --strategies ltuning-prefix \
+    --results "$HERE/benchmarks/results/protocol_v2.jsonl")
+}
+# SmolLM2 in-context retention (issue 10, item 5b): LoRA-tuned on vader-amazon (lr 1e-3, as
+# in the earlier SmolLM2 rows), 4-shot in-context accuracy on 200 class-balanced texts of the
+# two tasks on which the untuned model is above chance (bbc-topic 40% of 5 classes, bb-intent
+# 42%; rt-subjectivity and bb-vitaminc sat at chance), 3 seeds: AdamW, guidance toward the
+# pretrained in-context behaviour, ProMoT. About an hour of one core per seed.
+smollm2_retention() {
+  (cd "$TREE" && python -m sgg_optim.fewshot.cli bench --model smollm2 --tasks vader-amazon --shots 16 \
+    --steps 20 --threads 1 --seeds 3 --lrs 1e-3 --strategies pretrained,lora,lora+cone-icl,promot+lora \
+    --retention bbc-topic,bb-intent --retention-n 200 --retention-k 4 \
+    --results "$HERE/benchmarks/results/retention_smollm2.jsonl")
+}
 case "${1:-main}" in
   main)
-    for seed in 0 1 2; do
-      bench "${COMMON[@]}" --seeds 1 --first-seed "$seed" --strategies "$MAIN"
-      bench "${COMMON[@]}" --seeds 1 --first-seed "$seed" --strategies "$CANDIDATES"
-    done
-    # Forgetting (issue 10, item 5a): vader-movie read through a head fitted on the untuned
-    # encoder and frozen, after tuning on the three VADER targets; `pretrained` is the
-    # before figure. Its own file: the retention tasks are not part of a run's key.
-    bench --tasks vader-amazon,vader-nyt,vader-tweets --shots 16 --lrs 2e-5,5e-5,1e-4,2e-4 --threads 1 \
-      --seeds 3 --strategies pretrained,adamw,project-source,cone-source,cone-ema \
-      --retention vader-movie --retention-n 500 --results "$HERE/benchmarks/results/forgetting_v2.jsonl"
+    # Order (set 2026-12-02 after two sessions of the grid): seeds 0-1 of the main rows and
+    # candidates, the forgetting grid's first seed, seed 2, the rest of the forgetting grid,
+    # K=8/32, then seeds 3-4; so that each session ends with every measurement type begun.
+    for seed in 0 1; do main_seed "$seed"; done
+    forgetting 0
+    main_seed 2
+    forgetting 1
+    forgetting 2
     # K=8 and K=32 on three tasks: AdamW against the defaults (issue 10)
     bench --tasks vader-amazon,rt-polarity,bbc-topic --shots 8,32 --lrs 2e-5,5e-5,1e-4,2e-4 --threads 1 \
       --seeds 3 --strategies adamw,cone-ema --results "$HERE/benchmarks/results/protocol_v2.jsonl"
@@ -41,9 +69,16 @@ case "${1:-main}" in
     done
     ;;
   anchors)
-    for seed in 0 1 2 3 4; do
-      bench "${COMMON[@]}" --seeds 1 --first-seed "$seed" --strategies setfit
-    done
+    # SetFit (bbc-topic's 80 shots make many more pairs than 32: 10-20 min a run), interleaved with the
+    # L-Tuning prefix row, so that both reach three seeds before either reaches five.
+    setfit() { bench "${COMMON[@]}" --seeds 1 --first-seed "$1" --strategies setfit; }
+    setfit 0; setfit 1
+    ltuning 0; ltuning 1
+    setfit 2
+    ltuning 2
+    smollm2_retention
+    setfit 3; ltuning 3
+    setfit 4; ltuning 4
     ;;
   *) echo "usage: $0 main|anchors" >&2; exit 2 ;;
 esac
