@@ -9,10 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
 from .rules import DIRECTION_RULES, MAGNITUDE_RULES
+
+try:  # numpy's bool is not a Python bool, but is no more a number of steps than True is
+    from numpy import bool_ as numpy_bool
+except ImportError:  # pragma: no cover - numpy comes with torch
+    numpy_bool = bool
 
 DIRECTIONS = tuple(DIRECTION_RULES)
 MAGNITUDES = tuple(MAGNITUDE_RULES)
@@ -59,15 +65,20 @@ class GuidanceConfig:
         _choice("scope", self.scope, SCOPES)
         _choice("reference_dtype", self.reference_dtype, REFERENCE_DTYPES)
         _choice("nonfinite", self.nonfinite, NONFINITE_POLICIES)
-        _in_range("max_angle", self.max_angle, "in (0, 90] degrees", lambda v: 0 < v <= 90)
-        _in_range("strength", self.strength, "in [0, 1]", lambda v: 0 <= v <= 1)
-        _in_range("max_norm", self.max_norm, "> 0", lambda v: v > 0)
-        _in_range("spike_factor", self.spike_factor, "> 0", lambda v: v > 0)
-        _in_range("norm_beta", self.norm_beta, "in [0, 1)", lambda v: 0 <= v < 1)
-        _in_range("ema_beta", self.ema_beta, "in [0, 1)", lambda v: 0 <= v < 1)
-        _in_range("align_temperature", self.align_temperature, "> 0", lambda v: v > 0)
-        _integer("warmup_steps", self.warmup_steps, minimum=0)
-        _integer("log_every", self.log_every, minimum=1)
+        # Numbers are stored as Python float / int (numpy scalars included), so that the
+        # config in a state_dict stays primitives that torch.load(weights_only=True) reads.
+        for name, text, ok in (
+            ("max_angle", "in (0, 90] degrees", lambda v: 0 < v <= 90),
+            ("strength", "in [0, 1]", lambda v: 0 <= v <= 1),
+            ("max_norm", "> 0", lambda v: v > 0),
+            ("spike_factor", "> 0", lambda v: v > 0),
+            ("norm_beta", "in [0, 1)", lambda v: 0 <= v < 1),
+            ("ema_beta", "in [0, 1)", lambda v: 0 <= v < 1),
+            ("align_temperature", "> 0", lambda v: v > 0),
+        ):
+            object.__setattr__(self, name, _in_range(name, getattr(self, name), text, ok))
+        object.__setattr__(self, "warmup_steps", _integer("warmup_steps", self.warmup_steps, minimum=0))
+        object.__setattr__(self, "log_every", _integer("log_every", self.log_every, minimum=1))
 
     @property
     def cos_max_angle(self) -> float:
@@ -89,15 +100,21 @@ def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
 
-def _in_range(name: str, value: Any, text: str, ok: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+def _in_range(name: str, value: Any, text: str, ok: Any) -> float:
+    """``value`` as a float if it is a real number (not a bool) for which ``ok`` holds."""
+    if isinstance(value, (bool, numpy_bool)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value) or not ok(value):
+    number = float(value)
+    if not math.isfinite(number) or not ok(number):
         raise ValueError(f"{name} must be {text}, got {value}")
+    return number
 
 
-def _integer(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+def _integer(name: str, value: Any, minimum: int) -> int:
+    """``value`` as an int if it is an integer (not a bool) of at least ``minimum``."""
+    if isinstance(value, (bool, numpy_bool)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = int(value)
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value

@@ -67,8 +67,7 @@ def tensor_stats(
     # gradients (whose dot would accumulate in their own dtype), one foreach norm pass.
     interleave = k > 0 and one_device and all(g.dtype == torch.float32 for g in grads)
     if not interleave:
-        norms = torch._foreach_norm(list(grads), 2, dtype=torch.float32) if one_device \
-            else [torch.linalg.vector_norm(g, dtype=torch.float32).to(device) for g in grads]
+        norms = _grad_norms(grads, device, one_device)
     zero = torch.zeros((), device=device)
     sq_grads: list[Tensor] = []
     dots: list[Tensor] = []
@@ -93,6 +92,15 @@ def tensor_stats(
         else:
             columns.append(torch.stack([_known(sq, k, device) for sq in ref_sqnorms]).to(dtype))
     return torch.cat(columns, dim=1)
+
+
+def _grad_norms(grads: Sequence[Tensor], device: torch.device, one_device: bool) -> list[Tensor]:
+    """``|g|`` per gradient, accumulated in fp32, or in float64 for float64 gradients
+    (torch refuses a narrowing ``dtype`` for a norm)."""
+    if one_device and not any(g.dtype == torch.float64 for g in grads):
+        return list(torch._foreach_norm(list(grads), 2, dtype=torch.float32))
+    return [torch.linalg.vector_norm(g, dtype=torch.float64 if g.dtype == torch.float64 else torch.float32)
+            .to(device, stats_dtype(device)) for g in grads]
 
 
 def sum_blocks(partial: Tensor, block_ids: Tensor, num_blocks: int) -> Tensor:

@@ -121,6 +121,8 @@ class GuidedOptimizer(Optimizer):
         """Check the new parameters, then forward to the base optimizer; they are guided
         too (a rejected group is never forwarded, so the optimizer stays as it was)."""
         params = param_group["params"]
+        if isinstance(params, set):  # as torch refuses: the state is keyed by position
+            raise TypeError("param_group['params'] is a set, whose order changes between runs; pass a list")
         params = [params] if isinstance(params, Tensor) else list(params)
         param_group = {**param_group, "params": params}
         group = len(self.param_groups)
@@ -134,7 +136,7 @@ class GuidedOptimizer(Optimizer):
         return self.__dict__
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+        super().__setstate__(state)  # torch's: also re-patches step for hooks after unpickling
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.base_optimizer!r}, {self.config})"
@@ -156,7 +158,8 @@ class GuidedOptimizer(Optimizer):
     def _describe(self, index: int) -> str:
         names = {**self._ref_names, **param_names(self)}
         gi, p = self._flat_params()[index]
-        where = f"'{names[p]}'" if p in names else f"param_groups[{gi}] parameter #{index}"
+        j = index - sum(len(g["params"]) for g in self.param_groups[:gi])  # its position in its group
+        where = f"'{names[p]}'" if p in names else f"param_groups[{gi}] parameter #{j}"
         return f"{where} (shape {tuple(p.shape)})"
 
     @staticmethod
@@ -182,6 +185,10 @@ class GuidedOptimizer(Optimizer):
             if p.grad.device.type == "meta":
                 raise ValueError(f"parameter {self._describe(i)} is on the meta device (no data): materialise "
                                  "the model (e.g. model.to_empty(device=...) and initialise it) before stepping")
+            if not p.grad.is_contiguous() and 0 in p.grad.stride():
+                # A broadcast (expanded) gradient: its elements share memory, and guidance
+                # writes gradients in place; give it memory of its own (the same values).
+                p.grad = p.grad.contiguous()
             out.append((i, self._block_of(i, gi), p))
         return out
 
@@ -205,9 +212,11 @@ class GuidedOptimizer(Optimizer):
                 raise ValueError(f"reference must be 'ema', a Reference or a list of them, got {reference!r}")
             self._guidance = self._guidance.with_sources({}, 0)
             return
-        refs = [reference] if isinstance(reference, Reference) else list(reference)
+        refs = [reference] if isinstance(reference, Reference) else \
+            list(reference) if isinstance(reference, (list, tuple)) else None
         if not refs or not all(isinstance(r, Reference) for r in refs):
-            raise TypeError("reference must be 'ema', a Reference or a non-empty list of References")
+            raise TypeError("reference must be 'ema', a Reference or a non-empty list of References, "
+                            f"got {type(reference).__name__}")
         for ref in refs:
             self._ref_names.update(ref.bound_names)
         names = param_names(self)
@@ -305,6 +314,7 @@ class GuidedOptimizer(Optimizer):
         if not guided:
             self.base_optimizer.step()
             self._guidance.accepted += 1
+            self._step.figures = None  # no gradient, no figures: not the previous step's
             return loss
         after = self._guide(guided)
         if after is not None:
@@ -540,10 +550,16 @@ class GuidedOptimizer(Optimizer):
     # -- checkpoints ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """The base optimizer's state dict plus a ``"guidance"`` entry (tensors and
-        primitives only, so ``torch.load(weights_only=True)`` reads it)."""
+        primitives only, so ``torch.load(weights_only=True)`` reads it). State-dict hooks
+        registered on this optimizer run as torch's run them."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
         state = self.base_optimizer.state_dict()
         state["guidance"] = pack_guidance(self._guidance, self.config, self.reference_mode,
                                           [list(p.shape) for _, p in self._flat_params()])
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state)
+            state = state if result is None else result
         return state
 
     def guidance_state_dict(self) -> dict[str, Any]:
@@ -591,7 +607,13 @@ class GuidedOptimizer(Optimizer):
 
         loaded = unpack_guidance(saved, self.config, self.reference_mode, self._guidance.num_sources,
                                  [p for _, p in flat], self._num_blocks(), self._describe, cut)
+        self._install(loaded)
+
+    def _install(self, loaded: GuidanceState) -> None:
+        """Make a checked, loaded guidance state current; the figures of the last step
+        taken before it no longer describe it."""
         self._guidance = loaded
+        self._step.figures = None
         if loaded.num_sources:
             self._prepare_sources()
 
@@ -600,21 +622,26 @@ class GuidedOptimizer(Optimizer):
         scope, reference storage and kind, parameter layout, each tensor's presence, shape
         and dtype) before anything changes; a mismatch raises ``ValueError`` naming it. A
         plain base-optimizer state dict loads with a warning and leaves the guidance
-        state as it is."""
+        state as it is. Load-state-dict hooks registered on this optimizer run as torch's
+        run them."""
         state_dict = dict(state_dict)
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            state_dict = state_dict if result is None else dict(result)
         saved = state_dict.pop("guidance", None)
         if saved is None:
             warnings.warn("state_dict has no 'guidance' entry (a plain optimizer checkpoint?): "
                           "loading the base optimizer state; the guidance state is kept as it is", stacklevel=2)
             self.base_optimizer.load_state_dict(state_dict)
-            return
-        flat = self._flat_params()
-        loaded = unpack_guidance(saved, self.config, self.reference_mode, self._guidance.num_sources,
-                                 [p for _, p in flat], self._num_blocks(), self._describe)
-        self.base_optimizer.load_state_dict(state_dict)
-        self._guidance = loaded
-        if loaded.num_sources:
-            self._prepare_sources()
+            self._step.figures = None
+        else:
+            flat = self._flat_params()
+            loaded = unpack_guidance(saved, self.config, self.reference_mode, self._guidance.num_sources,
+                                     [p for _, p in flat], self._num_blocks(), self._describe)
+            self.base_optimizer.load_state_dict(state_dict)
+            self._install(loaded)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
 
 class _AfterGuide(NamedTuple):

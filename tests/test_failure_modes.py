@@ -310,3 +310,145 @@ def test_a_swap_to_another_shape_is_named():
     opt.param_groups[0]["params"][0].grad = torch.ones(3, 3)
     with pytest.raises(ValueError, match="replaced by one of another shape"):
         opt.step()
+
+
+# -- inputs found by an outside probe (2026-12-02) --------------------------------------------
+
+@pytest.mark.parametrize("guidance", [{"direction": "off", "magnitude": "off"}, {},
+                                      {"magnitude": "clip", "max_norm": 0.1}])
+def test_float64_parameters_step_like_the_base_optimizer(guidance):
+    # torch refuses a narrowing dtype for a norm: the fp32 accumulation of |g| crashed every
+    # float64 step (pass-through included)
+    torch.manual_seed(0)
+    m = torch.nn.Linear(3, 2).double()
+    twin = torch.nn.Linear(3, 2).double()
+    twin.load_state_dict(m.state_dict())
+    opt = GuidedOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), **guidance)
+    base = torch.optim.SGD(twin.parameters(), lr=0.1)
+    for _ in range(8):  # within the defaults' warm-up (10): they pass the gradient through
+        x = torch.randn(4, 3, dtype=torch.float64)
+        for model, o in ((m, opt), (twin, base)):
+            o.zero_grad()
+            model(x).square().sum().backward()
+            o.step()
+    assert m.weight.dtype == torch.float64
+    assert opt.stats["grad_norm"] > 0
+    same = torch.equal(m.weight, twin.weight)
+    assert same if guidance.get("magnitude") != "clip" else not same  # the clip binds at 0.1
+
+
+def test_mixed_float64_and_float32_groups_with_an_ema_reference():
+    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2).double()
+    opt = GuidedAdamW([{"params": a.parameters()}, {"params": b.parameters()}], lr=1e-2, warmup_steps=2)
+    for _ in range(6):
+        opt.zero_grad()
+        x = torch.randn(4, 3)
+        (a(x).sum() + b(x.double()).sum()).backward()
+        opt.step()
+    assert math.isfinite(opt.stats["cos"]) and opt.stats["step"] == 6
+    assert all(torch.isfinite(p).all() for p in (*a.parameters(), *b.parameters()))
+
+
+def test_state_dict_hooks_registered_on_the_wrapper_run_as_torchs_do():
+    calls = {}
+    for cls in (torch.optim.AdamW, GuidedAdamW):
+        opt = cls(torch.nn.Linear(3, 1).parameters(), lr=1e-3)
+        seen = calls[cls.__name__] = []
+        opt.register_state_dict_pre_hook(lambda o: seen.append("save_pre"))
+        opt.register_state_dict_post_hook(lambda o, sd: {**sd, "note": 1})
+        opt.register_load_state_dict_pre_hook(lambda o, sd: seen.append(("load_pre", sd.get("note"))))
+        opt.register_load_state_dict_post_hook(lambda o: seen.append("load_post"))
+        sd = opt.state_dict()
+        seen.append(("saved note", sd.get("note")))
+        opt.load_state_dict(sd)
+    assert calls["GuidedAdamW"] == calls["AdamW"] == [
+        "save_pre", ("saved note", 1), ("load_pre", 1), "load_post"]
+
+
+_UNPICKLE_AND_STEP = """
+import pickle, sys, torch
+opt = pickle.loads(sys.stdin.buffer.read())
+seen = []
+opt.register_step_pre_hook(lambda o, a, k: seen.append("pre"))
+for p in opt.param_groups[0]["params"]:
+    p.grad = torch.ones_like(p)
+opt.step()
+print(seen)
+"""
+
+
+def test_an_unpickled_wrapper_runs_its_step_hooks_in_a_fresh_process():
+    import pickle
+    import subprocess
+    import sys
+
+    opt = GuidedAdamW(torch.nn.Linear(3, 1).parameters(), lr=1e-3)
+    out = subprocess.run([sys.executable, "-c", _UNPICKLE_AND_STEP], input=pickle.dumps(opt),
+                         capture_output=True, check=True).stdout.decode()
+    assert out.strip() == "['pre']"
+
+
+@pytest.mark.parametrize("reference", [None, 5, "EMA"])
+def test_a_bad_reference_names_the_keyword(reference):
+    with pytest.raises((TypeError, ValueError), match="reference must be"):
+        GuidedAdamW(torch.nn.Linear(3, 1).parameters(), lr=1e-3, reference=reference)
+
+
+def test_a_set_of_parameters_in_add_param_group_is_refused_as_torch_does():
+    a, b = torch.nn.Linear(3, 1), torch.nn.Linear(2, 2)
+    opt = GuidedAdamW(a.parameters())
+    with pytest.raises(TypeError, match="set"):
+        opt.add_param_group({"params": set(b.parameters())})
+    assert len(opt.param_groups) == 1
+
+
+def test_an_expanded_gradient_is_guided_like_its_dense_copy():
+    def run(expanded: bool):
+        w, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(4, 3))
+        opt = GuidedOptimizer(torch.optim.SGD([w, b], lr=0.1), magnitude="clip", max_norm=0.1, direction="off")
+        w.grad = torch.ones(3)
+        b.grad = torch.ones(1, 3).expand(4, 3) if expanded else torch.ones(4, 3)
+        opt.step()
+        return w.detach().clone(), b.detach().clone()
+
+    (w1, b1), (w2, b2) = run(True), run(False)
+    assert torch.equal(w1, w2) and torch.equal(b1, b2) and b1.abs().sum() > 0
+
+
+def test_the_error_names_a_parameter_by_its_position_in_its_group():
+    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    opt = GuidedAdamW([{"params": list(a.parameters())}, {"params": list(b.parameters())}], nonfinite="raise")
+    x = torch.randn(2, 3)
+    (a(x).sum() + b(x).sum()).backward()
+    b.bias.grad[0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"param_groups\[1\] parameter #1 "):
+        opt.step()
+
+
+def test_stats_drop_the_figures_of_a_step_they_no_longer_describe():
+    m = torch.nn.Linear(3, 1)
+    opt = GuidedAdamW(m.parameters(), lr=1e-3)
+    fresh = opt.state_dict()
+    m(torch.randn(2, 3)).sum().backward()
+    opt.step()
+    assert "grad_norm" in opt.stats
+    opt.load_state_dict(fresh)
+    assert opt.stats == {"step": 0, "skipped": 0}
+    m(torch.randn(2, 3)).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    opt.step()  # no parameter has a gradient
+    assert "grad_norm" not in opt.stats and opt.stats["step"] == 2
+
+
+def test_numpy_scalars_are_accepted_and_stored_as_python_numbers():
+    np = pytest.importorskip("numpy")
+    opt = GuidedAdamW(torch.nn.Linear(3, 1).parameters(), max_angle=np.float32(45), warmup_steps=np.int64(5))
+    assert opt.config.max_angle == 45.0 and type(opt.config.max_angle) is float
+    assert opt.config.warmup_steps == 5 and type(opt.config.warmup_steps) is int
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    torch.load(buf, weights_only=True)  # the config in the checkpoint is primitives
+    with pytest.raises(TypeError, match="warmup_steps must be an int"):
+        GuidedAdamW(torch.nn.Linear(3, 1).parameters(), warmup_steps=np.bool_(True))
