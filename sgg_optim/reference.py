@@ -296,8 +296,10 @@ def capture_reference(
 
     Each batch's loss is ``loss_fn(model, batch)``, or the model's own ``.loss`` when
     ``loss_fn`` is None (dict batches are passed as keyword arguments). Only parameters
-    that require grad are captured. Parameters are never changed, and every ``.grad``
-    is put back as it was. With an Accelerate ``accelerator``, the forward runs under
+    that require grad are captured. The model runs in the mode it is in (the gradient
+    is the one training sees, dropout included), but parameters and buffers are never
+    changed (BatchNorm's running statistics are put back) and every ``.grad`` is put
+    back as it was. With an Accelerate ``accelerator``, the forward runs under
     its autocast and names come from the unwrapped model.
 
     Example:
@@ -316,6 +318,7 @@ def capture_reference(
     if not named:
         raise ValueError("model has no parameter that requires grad")
     saved = [p.grad for _, p in named]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
     autocast = accelerator.autocast if accelerator is not None else None
     count = 0
     try:
@@ -334,4 +337,7 @@ def capture_reference(
     finally:
         for (_, p), g in zip(named, saved):
             p.grad = g
+        with torch.no_grad():
+            for b, before in buffers:
+                b.copy_(before)
     return Reference(tensors, storage=reference_dtype, model=model)

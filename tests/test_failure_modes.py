@@ -452,3 +452,13 @@ def test_numpy_scalars_are_accepted_and_stored_as_python_numbers():
     torch.load(buf, weights_only=True)  # the config in the checkpoint is primitives
     with pytest.raises(TypeError, match="warmup_steps must be an int"):
         GuidedAdamW(torch.nn.Linear(3, 1).parameters(), warmup_steps=np.bool_(True))
+
+
+def test_capture_puts_batchnorm_running_statistics_back():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = [torch.randn(8, 3) + 5 for _ in range(3)]
+    ref = capture_reference(model, batches, loss_fn=lambda m, x: m(x).sum())
+    assert ref["0.weight"].abs().sum() > 0  # train mode: the statistics of the batch were used
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "capture changed the model's state"
