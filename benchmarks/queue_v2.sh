@@ -70,6 +70,11 @@ case "${1:-main}" in
     for seed in 3 4; do
       bench "${COMMON[@]}" --seeds 1 --first-seed "$seed" --strategies adamw,cone-source,cone-kshot,lp-ft
     done
+    # LP-FT with the recommended guided setting inside (issue 14): the guided row with the
+    # best validation difference against AdamW so far (cone-source, 2026-12-02; none separates)
+    for seed in 0 1 2 3 4; do
+      bench "${COMMON[@]}" --seeds 1 --first-seed "$seed" --strategies lp-ft+cone-source
+    done
     ;;
   anchors)
     # SetFit (bbc-topic's 80 shots make many more pairs than 32: 10-20 min a run), interleaved with the
@@ -82,6 +87,10 @@ case "${1:-main}" in
     smollm2_retention
     setfit 3; ltuning 3
     setfit 4; ltuning 4
+    # SetFit's body tuned by GuidedAdamW (issue 14); SetFit's own loop takes an EMA reference only
+    for seed in 0 1 2 3 4; do
+      bench "${COMMON[@]}" --seeds 1 --first-seed "$seed" --strategies setfit+cone-ema
+    done
     ;;
   *) echo "usage: $0 main|anchors" >&2; exit 2 ;;
 esac
