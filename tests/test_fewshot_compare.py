@@ -158,17 +158,74 @@ def test_compare_python_api_with_a_causal_lm(llama_dir, data_file, tmp_path):
     (["--strategies", "adamw,cone-source"], "needs? .*source|--source"),
     (["--strategies", "nope"], "unknown strategy 'nope'"),
     (["--lrs", "fast"], "--lrs takes comma-separated numbers"),
+    (["--lrs", "inf"], "--lrs takes learning rates > 0"),  # once wrote a row no later run could read
+    (["--lrs=-1e-3"], "--lrs takes learning rates > 0"),
+    (["--lrs="], "--lrs takes learning rates > 0"),
+    (["--out", "{tmp}/a_file"], "is a file"),
 ])
 def test_bad_inputs_stop_before_training(monkeypatch, bert_dir, data_file, tmp_path, extra, message):
     def no_training(*a, **k):
         raise AssertionError("trained despite bad input")
 
     monkeypatch.setattr(protocol, "run_cell", no_training)
+    (tmp_path / "a_file").write_text("")
     argv = ["compare", "--data", str(data_file), "--model", str(bert_dir), "--shots", "2", "--seeds", "1",
-            "--steps", "1", "--out", str(tmp_path / "o")] + extra
+            "--steps", "1", "--out", str(tmp_path / "o")] + [e.format(tmp=tmp_path) for e in extra]
     with pytest.raises(SystemExit, match=message):
         cli.main(argv)
     assert not (tmp_path / "o" / "results.jsonl").exists()
+
+
+@pytest.mark.parametrize("option", ["--shots", "--seeds", "--steps"])
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_counts_below_one_are_refused_by_the_parser(monkeypatch, capsys, data_file, option, value):
+    monkeypatch.setattr(protocol, "run_cell", lambda *a, **k: pytest.fail("trained"))
+    with pytest.raises(SystemExit):
+        cli.main(["compare", "--data", str(data_file), option, value])
+    assert f"argument {option}: must be >= 1, got {value}" in capsys.readouterr().err
+
+
+def test_a_source_with_another_label_count_stops_before_training(monkeypatch, bert_dir, data_file, tmp_path):
+    monkeypatch.setattr(protocol, "run_cell", lambda *a, **k: pytest.fail("trained"))
+    src = tmp_path / "three.jsonl"
+    src.write_text("".join(json.dumps({"text": f"the film was {w}", "label": "abc"[i % 3]}) + "\n"
+                           for i, w in enumerate(POS * 6)))
+    with pytest.raises(SystemExit, match="cone-source cannot run on mine: source three has 3 labels, mine 2"):
+        cli.main(["compare", "--data", str(data_file), "--source", str(src), "--model", str(bert_dir),
+                  "--shots", "2", "--strategies", "adamw,cone-source", "--out", str(tmp_path / "o")])
+
+
+def test_a_rerun_on_other_data_under_the_same_name_is_refused(bert_dir, data_file, tmp_path):
+    out = tmp_path / "cmp"
+    argv = ["compare", "--data", str(data_file), "--model", str(bert_dir), "--shots", "2", "--seeds", "1",
+            "--steps", "1", "--lrs", "1e-3", "--strategies", "adamw", "--out", str(out), "--threads", "1"]
+    assert cli.main(argv) == 0
+    other = tmp_path / "other" / "mine.jsonl"  # the same file name (task name), other labels
+    other.parent.mkdir()
+    other.write_text("".join(json.dumps({**r, "label": {"pos": "x", "neg": "y"}[r["label"]]}) + "\n"
+                             for r in rows()))
+    with pytest.raises(SystemExit, match=f"out {out} holds the runs of another comparison"):
+        cli.main(argv[:2] + [str(other)] + argv[3:])
+    assert len(ResultsFile(out / "results.jsonl").rows) == 1
+    assert cli.main(argv) == 0  # the same comparison again: its runs are reused
+
+
+def test_a_model_folder_without_tokenizer_files_is_refused(bert_dir, data_file, tmp_path):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        (bare / f).write_bytes((bert_dir / f).read_bytes())
+    with pytest.raises(SystemExit, match="no tokenizer files"):
+        cli.main(["compare", "--data", str(data_file), "--model", str(bare), "--shots", "2",
+                  "--out", str(tmp_path / "o")])
+
+
+@pytest.mark.parametrize("words,message", [("pos", "1 label words"), ("pos,pos", "label words must differ")])
+def test_label_words_are_checked_before_training(monkeypatch, llama_dir, data_file, tmp_path, words, message):
+    monkeypatch.setattr(protocol, "run_cell", lambda *a, **k: pytest.fail("trained"))
+    with pytest.raises(SystemExit, match=message):
+        cli.main(["compare", "--data", str(data_file), "--model", str(llama_dir), "--label-words", words,
+                  "--shots", "2", "--out", str(tmp_path / "o")])
 
 
 def test_one_class_and_empty_file_stop_before_training(monkeypatch, bert_dir, tmp_path):

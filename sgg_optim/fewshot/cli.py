@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from . import assets
 from .grid import (MODEL_NAME, MODELS, ROW_EXTRAS, _progress, _say, check_requirements,  # noqa: F401 (re-exported)
@@ -158,7 +159,7 @@ def bench(args: argparse.Namespace) -> int:
     store = ResultsFile(Path(args.results))
     rows = run_grid(args.tasks.split(","), args.strategies.split(","), [int(k) for k in args.shots.split(",")],
                     list(range(args.first_seed, args.first_seed + args.seeds)), args.steps, store,
-                    lrs=[float(x) for x in args.lrs.split(",")] if args.lrs else None, explain=True,
+                    lrs=_lrs(args.lrs) if args.lrs else None, explain=True,
                     model=args.model, sources=[s for s in args.sources.split(",") if s],
                     retention=[r for r in args.retention.split(",") if r], retention_n=args.retention_n,
                     retention_k=args.retention_k, run=not args.report)
@@ -192,10 +193,37 @@ def fetch(args: argparse.Namespace) -> int:
 
 
 def _lrs(text: str) -> list[float]:
+    """``--lrs``: comma-separated learning rates, each finite and > 0, at least one."""
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        lrs = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise SystemExit(f"sgg-optim: --lrs takes comma-separated numbers, got {text!r}") from None
+    bad = [x for x in lrs if not (math.isfinite(x) and x > 0)]
+    if bad or not lrs:
+        raise SystemExit(f"sgg-optim: --lrs takes learning rates > 0, got {text!r}")
+    return lrs
+
+
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an int of at least ``minimum`` (argparse names the option)."""
+    def parse(text: str) -> int:
+        value = int(text)  # a ValueError: argparse says "invalid ... value"
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
+
+
+def _learning_rate(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a learning rate > 0, got {text}")
+    return value
+
+
+POSITIVE, COUNT = _at_least(1), _at_least(0)
 
 
 def _data_args(p: argparse.ArgumentParser, label_required: bool = True) -> None:
@@ -220,7 +248,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="how to load a model folder (auto: from its config's architecture)")
     p.add_argument("--label-words", default="", help="causal LMs: comma-separated words scored for each class, "
                    "in the classes' sorted order (default: the label names)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    p.add_argument("--threads", type=COUNT, default=0, help="CPU threads for torch (0: torch's default)")
 
 
 def compare_cmd(args: argparse.Namespace) -> int:
@@ -230,6 +258,7 @@ def compare_cmd(args: argparse.Namespace) -> int:
 
     from .compare import compare, check_strategies
     from .data import load_data
+    from .models import check_label_words
 
     cols = dict(text_column=args.text_column, label_column=args.label_column,
                 text_pair_column=args.text_pair_column)
@@ -237,15 +266,20 @@ def compare_cmd(args: argparse.Namespace) -> int:
         task = load_data(args.data, test_data=args.test_data, test_size=args.test_size, shots=args.shots, **cols)
         source = load_data(args.source, **cols) if args.source else None
         strategies = [s for s in args.strategies.split(",") if s]
-        check_strategies(strategies, source)
+        check_strategies(strategies, source, task)
         lrs = _lrs(args.lrs)
         words = [w.strip() for w in args.label_words.split(",") if w.strip()] or None
+        if words:
+            check_label_words(words, task.label_names)
         factory = model_factory(args.model, label_words=words, kind=args.model_kind)
+        command = "sgg-optim " + " ".join(shlex.quote(a) for a in (args.argv or sys.argv[1:]))
+        # compare checks its inputs (strategies against the source, shots, the out folder)
+        # before anything trains, so its ValueErrors are input errors too
+        compare(task, factory, strategies, shots=args.shots, seeds=args.seeds, steps=args.steps, lrs=lrs,
+                out=args.out, model_name=args.model, source=source, command=command, baseline=args.baseline,
+                label_words=words)
     except ValueError as e:
         raise SystemExit(f"sgg-optim compare: {e}") from None
-    command = "sgg-optim " + " ".join(shlex.quote(a) for a in (args.argv or sys.argv[1:]))
-    compare(task, factory, strategies, shots=args.shots, seeds=args.seeds, steps=args.steps, lrs=lrs,
-            out=args.out, model_name=args.model, source=source, command=command, baseline=args.baseline)
     _say(f"done in {time.perf_counter() - t0:.0f} s")
     return 0
 
@@ -258,13 +292,18 @@ def capture_cmd(args: argparse.Namespace) -> int:
     from ..methods.sampling import eval_mode
     from ..reference import capture_reference
     from .data import load_data
+    from .models import check_label_words
     from .training import RunConfig, balanced_batches
 
     try:
         task = load_data(args.data, text_column=args.text_column, label_column=args.label_column,
                          text_pair_column=args.text_pair_column, test_size=0.2)
         words = [w.strip() for w in args.label_words.split(",") if w.strip()] or None
+        if words:
+            check_label_words(words, task.label_names)
         factory = model_factory(args.model, label_words=words, kind=args.model_kind)
+        if Path(args.out).is_dir():
+            raise ValueError(f"--out {args.out} is a folder; give the reference file's path (e.g. ref.safetensors)")
     except ValueError as e:
         raise SystemExit(f"sgg-optim capture: {e}") from None
     # every labelled example is source data here: the training pool and the held-out part
@@ -294,7 +333,7 @@ def capture_cmd(args: argparse.Namespace) -> int:
     ref.save(out)
     n = sum(ref[name].numel() for name in ref.names)
     _say(f"reference: {out} ({len(task.label_names)} classes: {', '.join(task.label_names)}; {args.batches} "
-         f"class-balanced batches of {cfg.batch_size // task.num_labels} per class"
+         f"class-balanced batches of {max(1, cfg.batch_size // task.num_labels)} per class"
          + (f"; {n:,} values" if n else "") + ")\n"
          f"use it: SGG_REFERENCE={out} accelerate launch train.py  (with sgg_optim.accelerate.GuidancePlugin), "
          f"or GuidedAdamW(..., reference=Reference.load('{out}', model))")
@@ -309,14 +348,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="AdamW vs guided AdamW on one few-shot task, 3 seeds (a few minutes)")
     d.add_argument("--task", default=DEMO_TASK, choices=list(TASKS), help="the built-in task to fine-tune on")
-    d.add_argument("--shots", type=int, default=16, help="K examples per class")
-    d.add_argument("--seeds", type=int, default=3, help="how many seeds (each draws its own K shots)")
-    d.add_argument("--steps", type=int, default=30, help="optimizer steps per run (batch 16)")
-    d.add_argument("--lr", type=float, default=DEMO_LR, help="one learning rate for both (no search in the demo)")
+    d.add_argument("--shots", type=POSITIVE, default=16, help="K examples per class")
+    d.add_argument("--seeds", type=POSITIVE, default=3, help="how many seeds (each draws its own K shots)")
+    d.add_argument("--steps", type=POSITIVE, default=30, help="optimizer steps per run (batch 16)")
+    d.add_argument("--lr", type=_learning_rate, default=DEMO_LR, help="one learning rate for both (no search in the demo)")
     d.add_argument("--out", default="sgg_demo", help="output folder: results.jsonl, results.md, demo.png "
                    "(default: sgg_demo/)")
     d.add_argument("--fresh", action="store_true", help="ignore results of an earlier demo run")
-    d.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    d.add_argument("--threads", type=COUNT, default=0, help="CPU threads for torch (0: torch's default)")
     d.set_defaults(func=demo)
     c = sub.add_parser("compare", help="AdamW, clipping and guided rows on your own data and model: "
                        "table, plot, results and a report with the setting chosen on validation")
@@ -326,10 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--test-size", type=float, default=0.2, help="without --test-data: the held-out test part, "
                    "a fraction (< 1) or a count (default 0.2)")
     _model_args(c)
-    c.add_argument("--shots", type=int, default=8, help="K training examples per class (each class also "
+    c.add_argument("--shots", type=POSITIVE, default=8, help="K training examples per class (each class also "
                    "needs K more for validation)")
-    c.add_argument("--seeds", type=int, default=3, help="how many seeds (each draws its own shots and head)")
-    c.add_argument("--steps", type=int, default=30, help="optimizer steps per run (batch 16)")
+    c.add_argument("--seeds", type=POSITIVE, default=3, help="how many seeds (each draws its own shots and head)")
+    c.add_argument("--steps", type=POSITIVE, default=30, help="optimizer steps per run (batch 16)")
     c.add_argument("--lrs", default="5e-5,2e-4", help="comma-separated learning rates; every strategy runs at "
                    "each, the report picks on validation (default 5e-5,2e-4)")
     c.add_argument("--strategies", default="adamw,adamw-clip,adaptive,cone-kshot",
@@ -346,10 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(cap)
     _model_args(cap)
     cap.add_argument("--out", required=True, help="the reference file to write (.safetensors)")
-    cap.add_argument("--batches", type=int, default=8, help="class-balanced batches averaged (default 8)")
-    cap.add_argument("--batch-size", type=int, default=16, help="examples per batch, split evenly over classes")
-    cap.add_argument("--max-length", type=int, default=64, help="tokens per text (longer texts are cut)")
-    cap.add_argument("--seed", type=int, default=0, help="seed of the fresh head and the batch draw")
+    cap.add_argument("--batches", type=POSITIVE, default=8, help="class-balanced batches averaged (default 8)")
+    cap.add_argument("--batch-size", type=POSITIVE, default=16, help="examples per batch, split evenly over classes")
+    cap.add_argument("--max-length", type=POSITIVE, default=64, help="tokens per text (longer texts are cut)")
+    cap.add_argument("--seed", type=COUNT, default=0, help="seed of the fresh head and the batch draw")
     cap.set_defaults(func=capture_cmd)
     b = sub.add_parser("bench", help="the few-shot grid on the built-in tasks, resumable")
     b.add_argument("--tasks", default="vader-tweets,vader-amazon,vader-nyt,rt-polarity,rt-subjectivity,bbc-topic",
@@ -357,9 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--strategies", default="adamw,adamw-clip,project-ema,cone-ema,cone-source,blend-ema",
                    help=f"comma-separated, '+' composes; from {', '.join(STRATEGIES)}")
     b.add_argument("--shots", default="8,16,32", help="comma-separated K (training examples per class)")
-    b.add_argument("--seeds", type=int, default=5, help="how many seeds")
-    b.add_argument("--first-seed", type=int, default=0, help="seeds run from here (split a grid across processes)")
-    b.add_argument("--steps", type=int, default=30, help="optimizer steps per run (batch 16)")
+    b.add_argument("--seeds", type=POSITIVE, default=5, help="how many seeds")
+    b.add_argument("--first-seed", type=COUNT, default=0, help="seeds run from here (split a grid across processes)")
+    b.add_argument("--steps", type=POSITIVE, default=30, help="optimizer steps per run (batch 16)")
     b.add_argument("--lrs", default="", help="override every strategy's lr grid (comma-separated); each lr is "
                    "its own run (protocol v2), the lr is chosen on validation in the report")
     b.add_argument("--model", default=MODEL_NAME, choices=MODELS,
@@ -368,14 +407,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--retention", default="", help=f"tasks to measure forgetting on, with a `pretrained` row "
                    f"for the before figure: smollm2, in-context accuracy after tuning (e.g. {RETENTION}); "
                    "an encoder, accuracy through a head fitted on the untuned encoder and frozen")
-    b.add_argument("--retention-n", type=int, default=100, help="eval texts per retention task")
-    b.add_argument("--retention-k", type=int, default=4, help="demonstrations per retention prompt")
+    b.add_argument("--retention-n", type=POSITIVE, default=100, help="eval texts per retention task")
+    b.add_argument("--retention-k", type=COUNT, default=4, help="demonstrations per retention prompt")
     b.add_argument("--results", default="benchmarks/results/fewshot_bench.jsonl",
                    help="the JSONL file every finished run is appended to; a rerun skips the runs in it")
     b.add_argument("--plot", default="", help="also write a PNG of the grid's rows")
     b.add_argument("--report", action="store_true", help="run nothing: the tables of the runs already done")
     b.add_argument("--baseline", default="adamw", help="the row every paired difference is taken against")
-    b.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    b.add_argument("--threads", type=COUNT, default=0, help="CPU threads for torch (0: torch's default)")
     b.set_defaults(func=bench)
     f = sub.add_parser("fetch", help="download and cache the models and data (then work offline)")
     f.add_argument("assets", nargs="*", metavar="ASSET", help=f"any of {', '.join(assets.ASSETS)} (default: all)")

@@ -13,7 +13,8 @@ The Python API behind ``sgg-optim compare`` (the CLI only parses arguments into 
 
 Every (strategy, seed, lr) is one run on the same K shots per seed (the protocol of
 :mod:`.protocol`); the runs go to ``out/results.jsonl`` (the :class:`.results.ResultsFile`
-format, so a rerun skips what is done), the report with the tables and the pick to
+format, so a rerun skips what is done: the folder remembers which data and model its
+runs are of, in ``out/task.json``, and refuses another), the report with the tables and the pick to
 ``out/report.md`` and a plot to ``out/compare.png``. The pick is the (strategy, lr) with
 the highest mean validation accuracy (K per class from the training pool, disjoint from
 the shots); the test split is reported, never used to choose.
@@ -21,6 +22,8 @@ the shots); the test split is reported, never used to choose.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,9 +69,10 @@ def summary_table(rows: Sequence[dict[str, Any]]) -> str:
                           lines)
 
 
-def check_strategies(strategies: Sequence[str], source: Optional[Task]) -> list[Any]:
-    """The strategies, or ``ValueError`` for an unknown one or one that needs a source task
-    when none is given (before anything trains)."""
+def check_strategies(strategies: Sequence[str], source: Optional[Task], task: Optional[Task] = None) -> list[Any]:
+    """The strategies, or ``ValueError`` for an unknown one, one that needs a source task
+    when none is given, or one whose source cannot serve ``task`` (before anything trains)."""
+    from .protocol import source_compatible
     from .strategies import get_strategy
 
     out = []
@@ -82,6 +86,9 @@ def check_strategies(strategies: Sequence[str], source: Optional[Task]) -> list[
                              "(a built-in task or a file with the same columns), or use a *-kshot / *-ema row")
         if st.reference == "sources":
             raise ValueError(f"strategy {name} (several source tasks) is for the built-in grid (sgg-optim bench)")
+        why = source_compatible(st, task, source) if task is not None else None
+        if why:
+            raise ValueError(why.replace(" skipped on ", " cannot run on ", 1))
         out.append(st)
     return out
 
@@ -103,16 +110,15 @@ def compare(task: Task, model: str | Callable[[Any], Any], strategies: Sequence[
     from . import grid
     from .data import check_shots
 
-    strats = check_strategies(strategies, source)
+    strats = check_strategies(strategies, source, task)
     check_shots(task, shots)
     if not lrs:
         raise ValueError("lrs: give at least one learning rate")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     if callable(model):
         factory, name = model, model_name or getattr(model, "__name__", "custom")
     else:
         factory, name = grid.model_factory(str(model), label_words=label_words), model_name or str(model)
+    out = claim_folder(Path(out), task, name, label_words, source)
     store = ResultsFile(out / "results.jsonl")
     say = grid._say if verbose else (lambda _msg: None)
     if verbose:
@@ -133,6 +139,46 @@ def compare(task: Task, model: str | Callable[[Any], Any], strategies: Sequence[
         say("\n" + summary_table(rows) + "\n\n" + pick_line(pick))
         say(f"\nreport: {files['report']}\nresults: {store.path}" + (f"\nplot: {files['plot']}" if "plot" in files else ""))
     return Results(rows, report, pick, out, files)
+
+
+def _fingerprint(task: Task, model: str, label_words: Optional[Sequence[str]], source: Optional[Task]) -> str:
+    """A digest of what a run's figures depend on beyond its key: the examples and labels
+    of every split, the model, the label words and the source task."""
+    def of(t: Optional[Task]) -> Any:
+        return None if t is None else [t.label_names, t.train_texts, t.train_labels, t.eval_texts, t.eval_labels]
+
+    blob = json.dumps([of(task), model, list(label_words or ()), of(source)], default=list, ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def claim_folder(out: Path, task: Task, model: str, label_words: Optional[Sequence[str]] = None,
+                 source: Optional[Task] = None) -> Path:
+    """Make ``out`` the folder of this comparison, or raise ``ValueError`` naming it.
+
+    Runs are keyed by task name, strategy, K, seed, lr, steps and model (a rerun skips
+    those done), and a task's name is its file's stem: so ``out/task.json`` records a
+    digest of the data, model, label words and source, and a folder that holds another
+    comparison's runs (other data under the same file name, another model folder, other
+    label words or source) is refused rather than mixed with it.
+    """
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out {out} is a file; give a folder for the results, report and plot")
+    record = out / "task.json"
+    mine = {"fingerprint": _fingerprint(task, model, label_words, source), "task": task.name,
+            "labels": list(task.label_names), "model": model,
+            "examples": len(task.train_texts) + len(task.eval_texts)}
+    if record.is_file():
+        theirs = json.loads(record.read_text())
+        if theirs.get("fingerprint") != mine["fingerprint"]:
+            raise ValueError(f"out {out} holds the runs of another comparison ({theirs.get('task')}: labels "
+                             f"{', '.join(theirs.get('labels', []))}, {theirs.get('examples')} examples, model "
+                             f"{theirs.get('model')}; now {task.name}: labels {', '.join(task.label_names)}, "
+                             f"{mine['examples']} examples, model {model}, or other label words, source or "
+                             "file contents): give another --out, or delete that folder")
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(mine, indent=1) + "\n")
+    return out
 
 
 def pick_line(pick: Optional[dict[str, Any]]) -> str:

@@ -18,6 +18,37 @@ from .training import ModelFactory
 
 
 
+# What a saved Hugging Face tokenizer leaves in a folder (one of these at least). Without
+# any, transformers builds a near-empty tokenizer that reads every word as [UNK].
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model")
+
+
+def check_tokenizer(folder: Path) -> None:
+    """Raise ``ValueError`` naming ``folder`` if it holds no tokenizer files."""
+    if not any((Path(folder) / f).is_file() for f in TOKENIZER_FILES):
+        raise ValueError(f"{folder}: no tokenizer files ({', '.join(TOKENIZER_FILES)}): save the tokenizer "
+                         "beside the model (tokenizer.save_pretrained(folder))")
+
+
+def check_label_words(words: Sequence[str], label_names: Sequence[str]) -> None:
+    """Raise ``ValueError`` unless ``words`` has one distinct word per label.
+
+        >>> check_label_words(["yes", "yes"], ["a", "b"])
+        Traceback (most recent call last):
+        ...
+        ValueError: label words must differ: 'yes' scores two labels
+    """
+    if len(words) != len(label_names):
+        raise ValueError(f"{len(words)} label words {list(words)} for {len(label_names)} labels "
+                         f"{list(label_names)} (give one per label, in the labels' sorted order)")
+    seen: set[str] = set()
+    for w in words:
+        if w in seen:
+            raise ValueError(f"label words must differ: {w!r} scores two labels")
+        seen.add(w)
+
+
 class PairPromptTokenizer(PromptTokenizer):
     """A :class:`PromptTokenizer` that also takes ``(a, b)`` text pairs, joined by a newline
     into one text before the prompt is formatted (a causal LM reads the pair as one text)."""
@@ -37,6 +68,9 @@ def causal_lm_factory(folder: Optional[Path] = None, label_words: Optional[Seque
     Each class is scored by its label word: ``label_words`` in class order (the task's
     sorted label names, :mod:`.data`) or, by default, the task's ``label_names``.
     """
+    if folder is not None:
+        check_tokenizer(folder)
+
     def build(task: Any) -> tuple[VerbalizerLM, PromptTokenizer]:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -45,9 +79,7 @@ def causal_lm_factory(folder: Optional[Path] = None, label_words: Optional[Seque
         if not label_names:
             raise ValueError(f"task must be a Task with label_names (the label words), got {task!r}")
         words = tuple(label_words) if label_words else tuple(label_names)
-        if len(words) != len(label_names):
-            raise ValueError(f"{len(words)} label words {list(words)} for {len(label_names)} labels "
-                             f"{list(label_names)} (give one per label, in the labels' sorted order)")
+        check_label_words(words, label_names)
         src = folder
         if src is None:
             from .assets import smollm2_folder  # written alongside; imported late so this module loads without it
@@ -55,7 +87,11 @@ def causal_lm_factory(folder: Optional[Path] = None, label_words: Optional[Seque
             src = smollm2_folder()
         lm = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
         tok = PairPromptTokenizer(AutoTokenizer.from_pretrained(str(src)), words)
-        return VerbalizerLM(lm, tok.label_token_ids), tok
+        ids = tok.label_token_ids
+        if len({tuple(c) for c in ids}) < len(ids):
+            raise ValueError(f"label words {list(words)}: two of them are the same tokens for {src}'s tokenizer, "
+                             "so their labels cannot be told apart; give --label-words that differ")
+        return VerbalizerLM(lm, ids), tok
 
     return build
 
@@ -79,6 +115,7 @@ def encoder_factory(folder: Path) -> ModelFactory:
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    check_tokenizer(folder)
     tok = AutoTokenizer.from_pretrained(str(folder))
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
