@@ -14,7 +14,10 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 TREE=${SGG_TREE:-$HERE}
-bench() { (cd "$TREE" && python -m sgg_optim.fewshot.cli bench "$@"); }
+# A step that fails is logged and the stream goes on to the next (hours unattended): its
+# runs are simply not in the results file, and a rerun of the stream retries them.
+cli() { (cd "$TREE" && python -m sgg_optim.fewshot.cli "$@") || echo "queue_v2: step failed (rc $?): $*" >&2; }
+bench() { cli bench "$@"; }
 TASKS=vader-amazon,vader-nyt,vader-tweets,rt-polarity,rt-subjectivity,bbc-topic
 COMMON=(--tasks "$TASKS" --shots 16 --lrs 2e-5,5e-5,1e-4,2e-4 --threads 1
         --results "$HERE/benchmarks/results/protocol_v2.jsonl")
@@ -38,9 +41,8 @@ forgetting() {
 # L-Tuning (prefix) on its own learning-rate grid (it trains label embeddings and a prefix
 # only, so the full-model grid is far too small for it); the report picks its lr on validation.
 ltuning() {
-  (cd "$TREE" && python -m sgg_optim.fewshot.cli bench --tasks "$TASKS" --shots 16 --threads 1 \
-    --seeds 1 --first-seed "$1" --strategies ltuning-prefix \
-    --results "$HERE/benchmarks/results/protocol_v2.jsonl")
+  bench --tasks "$TASKS" --shots 16 --threads 1 --seeds 1 --first-seed "$1" --strategies ltuning-prefix \
+    --results "$HERE/benchmarks/results/protocol_v2.jsonl"
 }
 # SmolLM2 in-context retention (issue 10, item 5b): LoRA-tuned on vader-amazon (lr 1e-3, as
 # in the earlier SmolLM2 rows), 4-shot in-context accuracy on 200 class-balanced texts of the
@@ -48,10 +50,9 @@ ltuning() {
 # 42%; rt-subjectivity and bb-vitaminc sat at chance), 3 seeds: AdamW, guidance toward the
 # pretrained in-context behaviour, ProMoT. About an hour of one core per seed.
 smollm2_retention() {
-  (cd "$TREE" && python -m sgg_optim.fewshot.cli bench --model smollm2 --tasks vader-amazon --shots 16 \
-    --steps 20 --threads 1 --seeds 3 --lrs 1e-3 --strategies pretrained,lora,lora+cone-icl,promot+lora \
-    --retention bbc-topic,bb-intent --retention-n 200 --retention-k 4 \
-    --results "$HERE/benchmarks/results/retention_smollm2.jsonl")
+  bench --model smollm2 --tasks vader-amazon --shots 16 --steps 20 --threads 1 --seeds 3 --lrs 1e-3 \
+    --strategies pretrained,lora,lora+cone-icl,promot+lora --retention bbc-topic,bb-intent --retention-n 200 \
+    --retention-k 4 --results "$HERE/benchmarks/results/retention_smollm2.jsonl"
 }
 case "${1:-main}" in
   main)
