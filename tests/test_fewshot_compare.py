@@ -351,3 +351,21 @@ def test_help_does_not_import_torch():
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_capture_takes_every_row_of_a_tiny_file(bert_dir, tmp_path):
+    # K=1 shots are what usage.md suggests capturing a cone-kshot reference on; capture once
+    # carved a 20% test split it never used, and refused two rows
+    shots = tmp_path / "shots.csv"
+    shots.write_text("text,label\nthe film was good,pos\nthe film was bad,neg\n")
+    out = tmp_path / "ref.safetensors"
+    assert cli.main(["capture", "--model", str(bert_dir), "--data", str(shots), "--out", str(out),
+                     "--batches", "2", "--threads", "1"]) == 0
+    from safetensors.torch import load_file
+
+    assert any(t.abs().sum() > 0 for t in load_file(str(out)).values())
+
+
+def test_capture_refuses_a_folder_as_out(bert_dir, data_file, tmp_path):
+    with pytest.raises(SystemExit, match="is a folder"):
+        cli.main(["capture", "--model", str(bert_dir), "--data", str(data_file), "--out", str(tmp_path)])

@@ -291,13 +291,17 @@ def capture_cmd(args: argparse.Namespace) -> int:
 
     from ..methods.sampling import eval_mode
     from ..reference import capture_reference
-    from .data import load_data
+    from .data import labelled_examples
     from .models import check_label_words
+    from .tasks import Task
     from .training import RunConfig, balanced_batches
 
     try:
-        task = load_data(args.data, text_column=args.text_column, label_column=args.label_column,
-                         text_pair_column=args.text_pair_column, test_size=0.2)
+        # every labelled example is source data here: no test split to carve
+        names, texts, labels = labelled_examples(args.data, text_column=args.text_column,
+                                                 label_column=args.label_column,
+                                                 text_pair_column=args.text_pair_column)
+        task = Task(Path(args.data).stem, tuple(names), tuple(texts), tuple(labels), (), ())
         words = [w.strip() for w in args.label_words.split(",") if w.strip()] or None
         if words:
             check_label_words(words, task.label_names)
@@ -306,8 +310,6 @@ def capture_cmd(args: argparse.Namespace) -> int:
             raise ValueError(f"--out {args.out} is a folder; give the reference file's path (e.g. ref.safetensors)")
     except ValueError as e:
         raise SystemExit(f"sgg-optim capture: {e}") from None
-    # every labelled example is source data here: the training pool and the held-out part
-    texts, labels = task.train_texts + task.eval_texts, task.train_labels + task.eval_labels
     torch.manual_seed(args.seed)
     model, tok = factory(task)
     cfg = RunConfig(batch_size=args.batch_size, max_length=args.max_length)
