@@ -195,25 +195,24 @@ def test_na_like_values_are_classes_and_texts_as_written(tmp_path):
         assert "NA" in task.train_texts + task.eval_texts
 
 
-def test_empty_cells_name_the_data_row_and_the_line(tmp_path):
+@pytest.mark.parametrize("name,content,message", [
     # a quoted cell spanning two lines and a blank line: the line is the file's, the row counts from 1
-    (tmp_path / "e.csv").write_text('text,label\n"two\nlines",a\n\nb1,b\n,a\nb2,b\n')
-    with pytest.raises(ValueError, match=r"e.csv: text column 'text' is empty in data row 3 \(line 6\)"):
-        load_data(tmp_path / "e.csv")
-    (tmp_path / "w.csv").write_text("text,label\nx,a\n   ,b\n")  # whitespace only: no text
-    with pytest.raises(ValueError, match=r"w.csv: text column 'text' is empty in data row 2 \(line 3\)"):
-        load_data(tmp_path / "w.csv")
-    (tmp_path / "l.csv").write_text("text,label\nx,a\ny,\n")
-    with pytest.raises(ValueError, match=r"l.csv: label column 'label' is empty in data row 2 \(line 3\)"):
-        load_data(tmp_path / "l.csv")
+    ("e.csv", 'text,label\n"two\nlines",a\n\nb1,b\n,a\nb2,b\n', "text column 'text' is empty in data row 3 \\(line 6\\)"),
+    ("w.csv", "text,label\nx,a\n   ,b\n", "text column 'text' is empty in data row 2 \\(line 3\\)"),  # whitespace only
+    ("l.csv", "text,label\nx,a\ny,\n", "label column 'label' is empty in data row 2 \\(line 3\\)"),
     # "" in JSON Lines is refused as an empty CSV cell is
-    (tmp_path / "e.jsonl").write_text('{"text": "x", "label": "a"}\n\n{"text": "", "label": "b"}\n')
-    with pytest.raises(ValueError, match=r"e.jsonl: text column 'text' is empty in data row 2 \(line 3\)"):
-        load_data(tmp_path / "e.jsonl")
-    datasets.Dataset.from_list([{"text": "x", "label": "a"}, {"text": " ", "label": "b"}]).to_parquet(
-        str(tmp_path / "e.parquet"))
-    with pytest.raises(ValueError, match=r"e.parquet: text column 'text' is empty in data row 2$"):
-        load_data(tmp_path / "e.parquet")
+    ("e.jsonl", '{"text": "x", "label": "a"}\n\n{"text": "", "label": "b"}\n',
+     "text column 'text' is empty in data row 2 \\(line 3\\)"),
+    ("e.parquet", None, "text column 'text' is empty in data row 2$"),  # no lines in a parquet file
+])
+def test_empty_cells_name_the_data_row_and_the_line(tmp_path, name, content, message):
+    if content is None:
+        datasets.Dataset.from_list([{"text": "x", "label": "a"}, {"text": " ", "label": "b"}]).to_parquet(
+            str(tmp_path / name))
+    else:
+        (tmp_path / name).write_text(content)
+    with pytest.raises(ValueError, match=f"{name}: " + message):
+        load_data(tmp_path / name)
 
 
 def test_test_size_that_carves_no_test_example_is_refused_before_training(tmp_path):
