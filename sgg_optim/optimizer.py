@@ -14,7 +14,7 @@ import os
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -171,7 +171,8 @@ class GuidedOptimizer(Optimizer):
                                  "(view it as real with torch.view_as_real, or leave it out)")
 
     def _guided(self) -> list[tuple[int, int, Tensor]]:
-        """(flat index, block, param) of parameters that have a gradient this step."""
+        """(flat index, block, param) of parameters that have a gradient this step; a
+        broadcast (expanded) ``.grad`` is replaced by a dense copy of it on the way."""
         out = []
         flat = self._flat_params()
         if tuple(map(id, (p for _, p in flat))) != self._step.param_ids:
@@ -185,10 +186,11 @@ class GuidedOptimizer(Optimizer):
             if p.grad.device.type == "meta":
                 raise ValueError(f"parameter {self._describe(i)} is on the meta device (no data): materialise "
                                  "the model (e.g. model.to_empty(device=...) and initialise it) before stepping")
-            if not p.grad.is_contiguous() and 0 in p.grad.stride():
+            g = p.grad
+            if not g.is_contiguous() and any(st == 0 and n > 1 for st, n in zip(g.stride(), g.shape)):
                 # A broadcast (expanded) gradient: its elements share memory, and guidance
                 # writes gradients in place; give it memory of its own (the same values).
-                p.grad = p.grad.contiguous()
+                p.grad = g.contiguous()
             out.append((i, self._block_of(i, gi), p))
         return out
 
@@ -212,8 +214,8 @@ class GuidedOptimizer(Optimizer):
                 raise ValueError(f"reference must be 'ema', a Reference or a list of them, got {reference!r}")
             self._guidance = self._guidance.with_sources({}, 0)
             return
-        refs = [reference] if isinstance(reference, Reference) else \
-            list(reference) if isinstance(reference, (list, tuple)) else None
+        iterable = isinstance(reference, Iterable) and not isinstance(reference, (str, bytes, Tensor))
+        refs = [reference] if isinstance(reference, Reference) else list(reference) if iterable else None
         if not refs or not all(isinstance(r, Reference) for r in refs):
             raise TypeError("reference must be 'ema', a Reference or a non-empty list of References, "
                             f"got {type(reference).__name__}")

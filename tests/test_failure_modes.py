@@ -344,7 +344,9 @@ def test_mixed_float64_and_float32_groups_with_an_ema_reference():
         opt.zero_grad()
         x = torch.randn(4, 3)
         (a(x).sum() + b(x.double()).sum()).backward()
+        grads = torch.cat([p.grad.double().flatten() for p in (*a.parameters(), *b.parameters())])
         opt.step()
+        assert opt.stats["grad_norm"] == pytest.approx(grads.norm().item(), rel=1e-6)
     assert math.isfinite(opt.stats["cos"]) and opt.stats["step"] == 6
     assert all(torch.isfinite(p).all() for p in (*a.parameters(), *b.parameters()))
 
@@ -357,12 +359,17 @@ def test_state_dict_hooks_registered_on_the_wrapper_run_as_torchs_do():
         opt.register_state_dict_pre_hook(lambda o: seen.append("save_pre"))
         opt.register_state_dict_post_hook(lambda o, sd: {**sd, "note": 1})
         opt.register_load_state_dict_pre_hook(lambda o, sd: seen.append(("load_pre", sd.get("note"))))
-        opt.register_load_state_dict_post_hook(lambda o: seen.append("load_post"))
+
+        def halve_lr(o, sd):  # a pre-hook's returned dict is the one loaded
+            return {**sd, "param_groups": [{**g, "lr": g["lr"] / 2} for g in sd["param_groups"]]}
+
+        opt.register_load_state_dict_pre_hook(halve_lr)
+        opt.register_load_state_dict_post_hook(lambda o: seen.append(("load_post", o.param_groups[0]["lr"])))
         sd = opt.state_dict()
         seen.append(("saved note", sd.get("note")))
         opt.load_state_dict(sd)
     assert calls["GuidedAdamW"] == calls["AdamW"] == [
-        "save_pre", ("saved note", 1), ("load_pre", 1), "load_post"]
+        "save_pre", ("saved note", 1), ("load_pre", 1), ("load_post", 5e-4)]
 
 
 _UNPICKLE_AND_STEP = """
@@ -388,7 +395,14 @@ def test_an_unpickled_wrapper_runs_its_step_hooks_in_a_fresh_process():
     assert out.strip() == "['pre']"
 
 
-@pytest.mark.parametrize("reference", [None, 5, "EMA"])
+def test_a_reference_may_be_any_iterable_of_references():
+    m = torch.nn.Linear(3, 1)
+    refs = [Reference({"weight": torch.ones(1, 3), "bias": torch.ones(1)}, model=m) for _ in range(2)]
+    opt = GuidedAdamW(m.parameters(), reference=(r for r in refs))  # a generator, as list(...) took before
+    assert opt.reference_mode == "sources" and opt._guidance.num_sources == 2
+
+
+@pytest.mark.parametrize("reference", [None, 5, "EMA", torch.ones(3)])
 def test_a_bad_reference_names_the_keyword(reference):
     with pytest.raises((TypeError, ValueError), match="reference must be"):
         GuidedAdamW(torch.nn.Linear(3, 1).parameters(), lr=1e-3, reference=reference)
@@ -458,7 +472,7 @@ def test_capture_puts_batchnorm_running_statistics_back():
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 1))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     batches = [torch.randn(8, 3) + 5 for _ in range(3)]
-    ref = capture_reference(model, batches, loss_fn=lambda m, x: m(x).sum())
-    assert ref["0.weight"].abs().sum() > 0  # train mode: the statistics of the batch were used
+    capture_reference(model, batches, loss_fn=lambda m, x: m(x).sum())
+    assert model.training  # captured in the model's own (training) mode, which moves running statistics
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "capture changed the model's state"

@@ -37,7 +37,9 @@ def bert_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("bert")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + POS + NEG + FILL
     (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(d / "vocab.txt"))
+    # vocab=, not vocab_file=: transformers 5 ignores the file and builds a tokenizer of the
+    # special tokens alone, which reads every word as [UNK] (load_tokenizer now refuses it)
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)})
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                      intermediate_size=32, max_position_embeddings=64, num_labels=3)
@@ -215,7 +217,7 @@ def test_a_model_folder_without_tokenizer_files_is_refused(bert_dir, data_file, 
     bare.mkdir()
     for f in ("config.json", "model.safetensors"):
         (bare / f).write_bytes((bert_dir / f).read_bytes())
-    with pytest.raises(SystemExit, match="no tokenizer files"):
+    with pytest.raises(SystemExit, match="no usable tokenizer|no vocabulary beyond its"):
         cli.main(["compare", "--data", str(data_file), "--model", str(bare), "--shots", "2",
                   "--out", str(tmp_path / "o")])
 
@@ -369,3 +371,38 @@ def test_capture_takes_every_row_of_a_tiny_file(bert_dir, tmp_path):
 def test_capture_refuses_a_folder_as_out(bert_dir, data_file, tmp_path):
     with pytest.raises(SystemExit, match="is a folder"):
         cli.main(["capture", "--model", str(bert_dir), "--data", str(data_file), "--out", str(tmp_path)])
+
+
+def test_a_value_error_while_training_keeps_its_traceback(monkeypatch, bert_dir, data_file, tmp_path):
+    # input errors become one-line messages; an error inside a run is a bug to show whole
+    def broken_run(*a, **k):
+        raise ValueError("Expected input batch_size (16) to match target batch_size (8)")
+
+    monkeypatch.setattr(protocol, "run_cell", broken_run)
+    with pytest.raises(ValueError, match="Expected input batch_size"):
+        cli.main(["compare", "--data", str(data_file), "--model", str(bert_dir), "--shots", "2", "--seeds", "1",
+                  "--lrs", "1e-3", "--strategies", "adamw", "--out", str(tmp_path / "o")])
+
+
+@pytest.mark.parametrize("setup,message", [
+    (lambda out: (out / "results.jsonl").write_text('{"task": "mine"}\n'), "written before compare recorded"),
+    (lambda out: (out / "task.json").write_text("[1, 2"), "is not a record compare wrote"),
+])
+def test_a_folder_that_cannot_be_told_apart_is_refused(monkeypatch, bert_dir, data_file, tmp_path, setup, message):
+    monkeypatch.setattr(protocol, "run_cell", lambda *a, **k: pytest.fail("trained"))
+    out = tmp_path / "old"
+    out.mkdir()
+    setup(out)
+    with pytest.raises(SystemExit, match=message):
+        cli.main(["compare", "--data", str(data_file), "--model", str(bert_dir), "--shots", "2",
+                  "--out", str(out)])
+
+
+def test_the_python_api_checks_label_words_before_training(monkeypatch, llama_dir, data_file, tmp_path):
+    from sgg_optim.fewshot.compare import InputError
+
+    monkeypatch.setattr(protocol, "run_cell", lambda *a, **k: pytest.fail("trained"))
+    task = load_data(data_file, test_size=8, shots=2)
+    with pytest.raises(InputError, match="label words must differ"):
+        compare(task, str(llama_dir), ["adamw"], shots=2, seeds=1, steps=1, lrs=[1e-3], out=tmp_path / "o",
+                label_words=["pos", "pos"], verbose=False)

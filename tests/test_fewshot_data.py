@@ -236,8 +236,8 @@ def test_test_data_folder_gives_its_test_split_never_its_train_split(tmp_path):
         assert task.eval_texts == tuple(r["review"] for r in want[1])
         assert f"{folder / want[0]}, {len(want[1])} examples" in task.description
     datasets.DatasetDict({"train": pool, "extra": pool}).save_to_disk(str(tmp_path / "only_train"))
-    with pytest.raises(ValueError, match=r"only_train: test data from a DatasetDict needs a 'test' or 'validation' "
-                                         r"split; it has train, extra"):
+    with pytest.raises(ValueError, match=r"only_train: test data from a DatasetDict needs a labelled 'test' or "
+                                         r"'validation' split \(label column 'stars'\); it has train, extra"):
         load_data(train, test_data=tmp_path / "only_train", text_column="review", label_column="stars")
 
 
@@ -310,3 +310,18 @@ def test_texts_in_both_the_training_pool_and_the_test_split_are_warned_about(tmp
         load_data(train, test_data=write(tmp_path / "clean.jsonl", unseen(records(6)), "jsonl"),
                   text_column="review", label_column="stars")
         load_data(train, text_column="review", label_column="stars")
+
+
+def test_a_glue_style_folder_evaluates_on_its_labelled_validation_split(tmp_path):
+    # GLUE keeps its test split unlabelled (ClassLabel -1): that is not a test split
+    feats = datasets.Features({"text": datasets.Value("string"),
+                               "label": datasets.ClassLabel(names=["neg", "pos"])})
+    split = {n: datasets.Dataset.from_list([{"text": f"{n} {i}", "label": lab(i)} for i in range(size)], features=feats)
+             for n, size, lab in (("train", 40, lambda i: i % 2), ("validation", 10, lambda i: i % 2),
+                                  ("test", 6, lambda i: -1))}
+    datasets.DatasetDict(split).save_to_disk(str(tmp_path / "glue"))
+    task = load_data(tmp_path / "glue")
+    assert task.eval_texts == tuple(f"validation {i}" for i in range(10))
+    train = write(tmp_path / "t.jsonl", [{"text": f"t {i}", "label": ["neg", "pos"][i % 2]} for i in range(40)],
+                  "jsonl")
+    assert load_data(train, test_data=tmp_path / "glue").eval_texts == task.eval_texts

@@ -26,7 +26,8 @@ def tiny_folder(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("tiny-bert")
     (folder / "vocab.txt").write_text("\n".join(VOCAB))
-    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    # vocab=, not vocab_file= (which transformers 5 ignores: a tokenizer of [UNK]s)
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(VOCAB)}).save_pretrained(folder)
     torch.manual_seed(0)
     BertForSequenceClassification(BertConfig(vocab_size=len(VOCAB), hidden_size=16, num_hidden_layers=1,
                                              num_attention_heads=2, intermediate_size=32)).save_pretrained(folder)

@@ -256,9 +256,8 @@ def compare_cmd(args: argparse.Namespace) -> int:
     _start(args, "compare", ("matplotlib", "tqdm", "datasets"))
     import shlex
 
-    from .compare import compare, check_strategies
+    from .compare import InputError, compare
     from .data import load_data
-    from .models import check_label_words
 
     cols = dict(text_column=args.text_column, label_column=args.label_column,
                 text_pair_column=args.text_pair_column)
@@ -266,19 +265,17 @@ def compare_cmd(args: argparse.Namespace) -> int:
         task = load_data(args.data, test_data=args.test_data, test_size=args.test_size, shots=args.shots, **cols)
         source = load_data(args.source, **cols) if args.source else None
         strategies = [s for s in args.strategies.split(",") if s]
-        check_strategies(strategies, source, task)
         lrs = _lrs(args.lrs)
         words = [w.strip() for w in args.label_words.split(",") if w.strip()] or None
-        if words:
-            check_label_words(words, task.label_names)
         factory = model_factory(args.model, label_words=words, kind=args.model_kind)
-        command = "sgg-optim " + " ".join(shlex.quote(a) for a in (args.argv or sys.argv[1:]))
-        # compare checks its inputs (strategies against the source, shots, the out folder)
-        # before anything trains, so its ValueErrors are input errors too
+    except ValueError as e:
+        raise SystemExit(f"sgg-optim compare: {e}") from None
+    command = "sgg-optim " + " ".join(shlex.quote(a) for a in (args.argv or sys.argv[1:]))
+    try:  # compare checks the rest of its inputs before anything trains
         compare(task, factory, strategies, shots=args.shots, seeds=args.seeds, steps=args.steps, lrs=lrs,
                 out=args.out, model_name=args.model, source=source, command=command, baseline=args.baseline,
                 label_words=words)
-    except ValueError as e:
+    except InputError as e:
         raise SystemExit(f"sgg-optim compare: {e}") from None
     _say(f"done in {time.perf_counter() - t0:.0f} s")
     return 0

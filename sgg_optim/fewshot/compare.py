@@ -36,6 +36,11 @@ DEFAULT_STRATEGIES = ("adamw", "adamw-clip", "adaptive", "cone-kshot")
 DEFAULT_LRS = (5e-5, 2e-4)
 
 
+class InputError(ValueError):
+    """A bad input to :func:`compare`, found before anything trains (the CLI shows its
+    message alone; a ``ValueError`` raised while training keeps its traceback)."""
+
+
 @dataclass
 class Results:
     """What :func:`compare` ran and wrote: its rows, the Markdown report, the pick and the files."""
@@ -88,7 +93,7 @@ def check_strategies(strategies: Sequence[str], source: Optional[Task], task: Op
             raise ValueError(f"strategy {name} (several source tasks) is for the built-in grid (sgg-optim bench)")
         why = source_compatible(st, task, source) if task is not None else None
         if why:
-            raise ValueError(why.replace(" skipped on ", " cannot run on ", 1))
+            raise ValueError(f"{name} cannot run on {task.name}: {why}")  # type: ignore[union-attr]
         out.append(st)
     return out
 
@@ -103,22 +108,32 @@ def compare(task: Task, model: str | Callable[[Any], Any], strategies: Sequence[
 
     ``model`` is ``"minilm"``, ``"smollm2"``, a local model folder
     (:func:`.grid.model_factory`) or a factory ``task -> (model, tokenizer)`` (then
-    ``model_name`` names it in the results). Inputs are checked before anything trains:
-    the strategies, the shots per class (:func:`.data.check_shots`). ``command`` is
+    ``model_name`` names it in the results, and ``label_words`` only identify the
+    comparison). Inputs are checked before anything trains, raising :class:`InputError`:
+    the strategies against the source, the shots per class (:func:`.data.check_shots`),
+    the lrs, the label words, the out folder (:func:`claim_folder`). ``command`` is
     written into the report (the CLI passes the command line).
     """
     from . import grid
     from .data import check_shots
+    from .models import check_label_words
 
-    strats = check_strategies(strategies, source, task)
-    check_shots(task, shots)
-    if not lrs:
-        raise ValueError("lrs: give at least one learning rate")
-    if callable(model):
-        factory, name = model, model_name or getattr(model, "__name__", "custom")
-    else:
-        factory, name = grid.model_factory(str(model), label_words=label_words), model_name or str(model)
-    out = claim_folder(Path(out), task, name, label_words, source)
+    try:
+        strats = check_strategies(strategies, source, task)
+        check_shots(task, shots)
+        if not lrs or not all(math.isfinite(float(x)) and float(x) > 0 for x in lrs):
+            raise ValueError(f"lrs: give learning rates > 0, got {list(lrs)}")
+        if label_words:
+            check_label_words(label_words, task.label_names)
+        if callable(model):
+            factory, name = model, model_name or getattr(model, "__name__", "custom")
+        else:
+            factory, name = grid.model_factory(str(model), label_words=label_words), model_name or str(model)
+        out = claim_folder(Path(out), task, name, label_words, source)
+    except InputError:
+        raise
+    except ValueError as e:
+        raise InputError(str(e)) from e
     store = ResultsFile(out / "results.jsonl")
     say = grid._say if verbose else (lambda _msg: None)
     if verbose:
@@ -167,8 +182,16 @@ def claim_folder(out: Path, task: Task, model: str, label_words: Optional[Sequen
     mine = {"fingerprint": _fingerprint(task, model, label_words, source), "task": task.name,
             "labels": list(task.label_names), "model": model,
             "examples": len(task.train_texts) + len(task.eval_texts)}
+    if not record.is_file() and (out / "results.jsonl").is_file() and (out / "results.jsonl").stat().st_size:
+        raise ValueError(f"out {out} holds runs written before compare recorded which data they are of "
+                         "(no task.json): give another --out, or delete that folder")
     if record.is_file():
-        theirs = json.loads(record.read_text())
+        try:
+            theirs = json.loads(record.read_text())
+        except ValueError:
+            theirs = None
+        if not isinstance(theirs, dict):
+            raise ValueError(f"{record} is not a record compare wrote: give another --out, or delete that folder")
         if theirs.get("fingerprint") != mine["fingerprint"]:
             raise ValueError(f"out {out} holds the runs of another comparison ({theirs.get('task')}: labels "
                              f"{', '.join(theirs.get('labels', []))}, {theirs.get('examples')} examples, model "
@@ -177,7 +200,9 @@ def claim_folder(out: Path, task: Task, model: str, label_words: Optional[Sequen
                              "file contents): give another --out, or delete that folder")
         return out
     out.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(mine, indent=1) + "\n")
+    partial = record.with_name(record.name + ".partial")  # written whole, then renamed: never half a record
+    partial.write_text(json.dumps(mine, indent=1) + "\n")
+    partial.replace(record)
     return out
 
 

@@ -3,7 +3,8 @@
 ``--data`` is a built-in task name (:data:`.tasks.TASKS`), a local file (``.csv``,
 ``.tsv``, ``.json``, ``.jsonl``, ``.parquet``) or a folder written by
 ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` (its ``train`` split; its
-``test`` split is the test split when there is one and no ``test_data``). Nothing is
+labelled ``test`` split, else its labelled ``validation`` split, is the test split when
+there is one and no ``test_data``: GLUE-style folders keep ``test`` unlabelled). Nothing is
 fetched from a hub: ``datasets`` reads the local files only. A CSV/TSV cell is read as
 written: ``None``, ``NA``, ``null`` are values (LUIS's ``None`` intent is a class); only
 an empty cell is missing. JSON is one record per line (JSON Lines) or a list of records;
@@ -18,7 +19,7 @@ integers (a ``ClassLabel`` feature reads as its names). **Label names are sorted
 ``i`` is the ``i``-th name, so the same data always gives the same class indices.
 
 The test split is ``test_data`` when given (a file, or a ``save_to_disk`` folder: a
-``DatasetDict``'s ``test`` split, else its ``validation`` split, never its ``train``
+``DatasetDict``'s labelled ``test`` split, else its ``validation`` split, never its ``train``
 split; same columns; a label it has that the training data has not is an error; a
 built-in task name is not test data), else a stratified held-out split of ``test_size``
 (a fraction, default 0.2, or a count) carved with the fixed seed
@@ -53,8 +54,9 @@ FILE_TYPES = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", "
 TEST_SIZE = 0.2
 
 
-def _read(path: Path) -> tuple[Any, Any]:
-    """(rows, test rows or None) of ``--data``: a file or a ``save_to_disk`` folder, as ``datasets.Dataset``."""
+def _read(path: Path, label_column: str) -> tuple[Any, Optional[tuple[Any, Path]]]:
+    """(rows, (test rows, where) or None) of ``--data``: a file or a ``save_to_disk`` folder,
+    as ``datasets.Dataset``; a DatasetDict's test split is :func:`_labelled_test`'s."""
     if not path.exists():
         raise ValueError(f"{path}: no such file or folder (nor a built-in task: {', '.join(TASKS)})")
     if not path.is_dir():
@@ -63,15 +65,26 @@ def _read(path: Path) -> tuple[Any, Any]:
     if hasattr(ds, "keys"):  # a DatasetDict
         if "train" not in ds:
             raise ValueError(f"{path}: a DatasetDict needs a 'train' split; it has {', '.join(ds)}")
-        return ds["train"], ds.get("test")
+        return ds["train"], _labelled_test(ds, path, label_column)
     return ds, None
 
 
-def _read_test(path: Path) -> tuple[Any, Path]:
+def _labelled_test(ds: Any, path: Path, label_column: str) -> Optional[tuple[Any, Path]]:
+    """A DatasetDict's ``test`` split, else its ``validation`` split, whichever first has
+    labels: GLUE-style folders keep an unlabelled ``test`` split (ClassLabel -1)."""
+    for split in ("test", "validation"):
+        if split in ds and label_column in ds[split].column_names \
+                and any(v is not None and v != -1 for v in ds[split][label_column]):
+            return ds[split], path / split
+    return None
+
+
+def _read_test(path: Path, label_column: str) -> tuple[Any, Path]:
     """(rows, where) of ``test_data``: a file, a ``Dataset`` folder or a ``DatasetDict``'s test split.
 
-    A DatasetDict gives its ``test`` split, else ``validation``; its ``train`` split is
-    training data, so a folder with neither is refused rather than evaluated on.
+    A DatasetDict gives its labelled ``test`` split, else its labelled ``validation``
+    split (:func:`_labelled_test`); its ``train`` split is training data, so a folder with
+    neither is refused rather than evaluated on.
     """
     if not path.exists():
         hint = " is a built-in task, not test data" if str(path) in TASKS else ": no such file or folder"
@@ -82,11 +95,11 @@ def _read_test(path: Path) -> tuple[Any, Path]:
     ds = _read_folder(path)
     if not hasattr(ds, "keys"):
         return ds, path
-    for split in ("test", "validation"):
-        if split in ds:
-            return ds[split], path / split
-    raise ValueError(f"{path}: test data from a DatasetDict needs a 'test' or 'validation' split; "
-                     f"it has {', '.join(ds)}")
+    found = _labelled_test(ds, path, label_column)
+    if found is None:
+        raise ValueError(f"{path}: test data from a DatasetDict needs a labelled 'test' or 'validation' split "
+                         f"(label column {label_column!r}); it has {', '.join(ds)}")
+    return found
 
 
 def _read_folder(path: Path) -> Any:
@@ -261,8 +274,8 @@ def _texts(ds: Any, text_column: str, pair_column: Optional[str], path: Path) ->
 
 def _examples(path: Path, text_column: str, label_column: str,
               text_pair_column: Optional[str]) -> tuple[list[str], list[Any], list[int], Any]:
-    """(label names, texts, class indices, test rows or None) of a file or folder, checked."""
-    ds, test_ds = _read(path)
+    """(label names, texts, class indices, (test rows, where) or None) of a file or folder, checked."""
+    ds, test = _read(path, label_column)
     if len(ds) == 0:
         raise ValueError(f"{path}: the file has no rows")
     texts = _texts(ds, text_column, text_pair_column, path)
@@ -270,7 +283,7 @@ def _examples(path: Path, text_column: str, label_column: str,
     if len(names) < 2:
         raise ValueError(f"{path}: label column {label_column!r} has one class ({names[0]!r}); "
                          "a classifier needs at least two")
-    return names, texts, labels, test_ds
+    return names, texts, labels, test
 
 
 def labelled_examples(data: str | Path, *, text_column: str = "text", label_column: str = "label",
@@ -301,15 +314,12 @@ def load_data(data: str | Path, *, text_column: str = "text", label_column: str 
         task = load_task(str(data))
     else:
         path = Path(data)
-        names, texts, labels, test_ds = _examples(path, text_column, label_column, text_pair_column)
+        names, texts, labels, test = _examples(path, text_column, label_column, text_pair_column)
         task_name = name or path.stem
         cols = f"text {text_column!r}" + (f" + {text_pair_column!r}" if text_pair_column else "") \
             + f", label {label_column!r}"
-        if test_data is not None or test_ds is not None:
-            if test_data is not None:
-                test_ds, tpath = _read_test(Path(test_data))
-            else:
-                tpath = path / "test"
+        if test_data is not None or test is not None:
+            test_ds, tpath = _read_test(Path(test_data), label_column) if test_data is not None else test
             if len(test_ds) == 0:
                 raise ValueError(f"{tpath}: the file has no rows")
             t_texts = _texts(test_ds, text_column, text_pair_column, tpath)

@@ -160,7 +160,7 @@ def run_grid(tasks: Sequence[str], strategies: Sequence[str], shots: Sequence[in
             if st.reference == "source":
                 why = source_compatible(st, get(t), src_task())
                 if why:
-                    _say(why)
+                    _say(f"{s} skipped on {t}: {why}")
                     skipped.add((t, s))
     todo = [(t, s, k, seed, lr) for t, s, k, seed, lr in grid_order(tasks, strategies, shots, seeds, all_lrs)
             if lr in grids[s] and (t, s) not in skipped]

@@ -18,17 +18,26 @@ from .training import ModelFactory
 
 
 
-# What a saved Hugging Face tokenizer leaves in a folder (one of these at least). Without
-# any, transformers builds a near-empty tokenizer that reads every word as [UNK].
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
-                   "sentencepiece.bpe.model")
+def load_tokenizer(folder: Path) -> Any:
+    """``AutoTokenizer.from_pretrained(folder)``, or ``ValueError`` naming ``folder`` when it
+    has no usable tokenizer.
 
+    Without tokenizer files, transformers may still build a tokenizer of nothing but its
+    special tokens, which reads every word as ``[UNK]``: training on that raises nothing
+    and learns nothing. (A file list would refuse tokenizers saved under other names, or
+    byte-level ones with no vocabulary file.)
+    """
+    from transformers import AutoTokenizer
 
-def check_tokenizer(folder: Path) -> None:
-    """Raise ``ValueError`` naming ``folder`` if it holds no tokenizer files."""
-    if not any((Path(folder) / f).is_file() for f in TOKENIZER_FILES):
-        raise ValueError(f"{folder}: no tokenizer files ({', '.join(TOKENIZER_FILES)}): save the tokenizer "
-                         "beside the model (tokenizer.save_pretrained(folder))")
+    hint = "save the tokenizer beside the model: tokenizer.save_pretrained(folder)"
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{folder}: no usable tokenizer ({type(e).__name__}: {e}); {hint}") from None
+    if len(tok) <= len(set(tok.all_special_ids)):
+        raise ValueError(f"{folder}: the tokenizer has no vocabulary beyond its {len(tok)} special tokens (no "
+                         f"tokenizer files?), so every word would read as unknown; {hint}")
+    return tok
 
 
 def check_label_words(words: Sequence[str], label_names: Sequence[str]) -> None:
@@ -68,8 +77,7 @@ def causal_lm_factory(folder: Optional[Path] = None, label_words: Optional[Seque
     Each class is scored by its label word: ``label_words`` in class order (the task's
     sorted label names, :mod:`.data`) or, by default, the task's ``label_names``.
     """
-    if folder is not None:
-        check_tokenizer(folder)
+    hf_tok = load_tokenizer(folder) if folder is not None else None  # checked now, not mid-run
 
     def build(task: Any) -> tuple[VerbalizerLM, PromptTokenizer]:
         import torch
@@ -86,7 +94,7 @@ def causal_lm_factory(folder: Optional[Path] = None, label_words: Optional[Seque
 
             src = smollm2_folder()
         lm = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
-        tok = PairPromptTokenizer(AutoTokenizer.from_pretrained(str(src)), words)
+        tok = PairPromptTokenizer(hf_tok if hf_tok is not None else AutoTokenizer.from_pretrained(str(src)), words)
         ids = tok.label_token_ids
         if len({tuple(c) for c in ids}) < len(ids):
             raise ValueError(f"label words {list(words)}: two of them are the same tokens for {src}'s tokenizer, "
@@ -113,10 +121,9 @@ def encoder_factory(folder: Path) -> ModelFactory:
     re-initialised: every weight outside the base model (``base_model_prefix``) is drawn
     fresh, as for a folder without one. A tokenizer without a pad token pads with eos.
     """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
-    check_tokenizer(folder)
-    tok = AutoTokenizer.from_pretrained(str(folder))
+    tok = load_tokenizer(folder)
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
 

@@ -135,14 +135,14 @@ def _references(strategy: Strategy, model: nn.Module, tok: Any, task: Task, seed
 
 
 def source_compatible(strategy: Strategy, task: Task, source: Optional[Task]) -> Optional[str]:
-    """Why ``strategy`` cannot run on ``task`` with ``source`` (None if it can).
+    """Why ``strategy`` cannot run on ``task`` with ``source`` (None if it can); callers
+    say what follows (the grid skips the row, ``compare`` stops).
 
     A ``*-source`` row guides the target's own model toward the source task's gradient,
     head included, so the two tasks must have the same number of labels.
     """
     if strategy.reference == "source" and source is not None and source.num_labels != task.num_labels:
-        return (f"{strategy.name} skipped on {task.name}: source {source.name} has {source.num_labels} labels, "
-                f"{task.name} {task.num_labels}")
+        return f"source {source.name} has {source.num_labels} labels, {task.name} {task.num_labels}"
     return None
 
 
