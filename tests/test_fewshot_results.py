@@ -257,6 +257,11 @@ def test_claims_against_their_goals():
     fails = [{**r, "accuracy": 0.5} if r["strategy"] == "adamw" else r for r in rows]
     [many] = results.claims(fails, resamples=500)
     assert many["failed"] == (0.0, 1.0, 24) and many["failed_met"]
+    # a row on its own lr grid shares no run with AdamW: its failures pair at the chosen lrs
+    own = [r for r in rows if r["strategy"] == "adamw"] + [
+        {**r, "strategy": "own", "lr": r["lr"] * 100} for r in rows if r["strategy"] == "good"]
+    [o] = results.claims(own, resamples=500)
+    assert o["failed"] == (0.0, 0.0, 12)  # 3 tasks x 4 seeds, one run each
 
 
 def _candidate_rows(diffs, *, eval_flip=False, by_seed=None):

@@ -479,7 +479,9 @@ def claims(rows: Iterable[Mapping[str, Any]], baseline: str = "adamw",
       the interval's lower end at or above it);
     - ``failed``: failed-run rates over the whole sweep, the row's and the baseline's on the
       same (task, K, seed, lr) runs (goal: at most ``GOAL_FAILED`` times the baseline's,
-      and the paired difference of failure indicators below 0 with its whole interval);
+      and the paired difference of failure indicators below 0 with its whole interval); a
+      row on its own lr grid (L-Tuning's), which shares no run with the baseline, is
+      paired at each side's validation-chosen lr instead;
     - ``worst``: worst-seed accuracy difference (per task over seeds, averaged), at the chosen lr;
     - ``cv``: per-pair ratio of applied-update CV at the chosen lrs, its mean and interval
       (goal ``GOAL_CV``: the interval's upper end at or below it).
@@ -496,7 +498,8 @@ def claims(rows: Iterable[Mapping[str, Any]], baseline: str = "adamw",
             continue
         common = {p: at[s][p] for p in at[s] if p in base}
         same = [k for k in runs[s] if k in base_runs]
-        flags = {k: (failed(runs[s][k]), failed(base_runs[k])) for k in same}
+        flags = {k: (failed(runs[s][k]), failed(base_runs[k])) for k in same} if same else \
+            {p: (failed(common[p]), failed(base[p])) for p in common}
         flags = {k: (a, b) for k, (a, b) in flags.items() if a is not None and b is not None}
         ratios = [_num(common[p].get("applied_cv")) / _num(base[p].get("applied_cv")) for p in common
                   if _num(base[p].get("applied_cv")) > 0]
