@@ -56,6 +56,16 @@ The math behind the names is in [method.md](method.md); how to use them in
 
 
 # -- names ---------------------------------------------------------------------------------
+def _field_default(f: Any) -> str:
+    """A dataclass field's default as written: a value, ``factory()``, or nothing (required);
+    ``repr`` of the MISSING sentinel would name a memory address and change every build."""
+    if f.default is not dataclasses.MISSING:
+        return repr(f.default)
+    if f.default_factory is not dataclasses.MISSING:
+        return f"{getattr(f.default_factory, '__name__', 'factory')}()"
+    return "(required)"
+
+
 def top_level_names() -> list[str]:
     names = [n for n in sgg_optim.__all__ if n != "__version__"]
     return [n for n in LEADING if n in names] + sorted(n for n in names if n not in LEADING)
@@ -279,7 +289,7 @@ def document_callable(page: Page, qual: str, name: str, obj: Any, level: int, mo
         if dataclasses.is_dataclass(obj):
             page.add("| field | type | default |", "| --- | --- | --- |")
             for f in dataclasses.fields(obj):
-                page.add(f"| `{f.name}` | `{f.type}` | `{f.default!r}` |")
+                page.add(f"| `{f.name}` | `{f.type}` | `{_field_default(f)}` |")
             page.add("")
         undocumented = []
         for mname, member, mkind in _own_members(obj):

@@ -11,6 +11,7 @@ import difflib
 import inspect
 import math
 import os
+import sys
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -61,6 +62,14 @@ class GuidedOptimizer(Optimizer):
             raise TypeError(f"base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer).__name__}")
         if isinstance(base_optimizer, GuidedOptimizer):
             raise TypeError("base_optimizer is already a GuidedOptimizer")
+        accelerated = getattr(sys.modules.get("accelerate.optimizer"), "AcceleratedOptimizer", ())
+        if isinstance(base_optimizer, accelerated):  # (no import: one exists only once accelerate is loaded)
+            # Its step runs on every micro-batch (it skips the inner step off sync steps):
+            # guidance outside it would rewrite half-accumulated, possibly scaled gradients.
+            raise TypeError("base_optimizer is an AcceleratedOptimizer (already through accelerator.prepare): "
+                            "wrap the optimizer before prepare, or use "
+                            "sgg_optim.accelerate.GuidancePlugin().wrap(prepared_optimizer), which guides inside "
+                            "it, on sync steps only")
         if _needs_closure(base_optimizer):
             # LBFGS re-evaluates the loss inside its step: the gradients it steps on are
             # ones guidance never saw, so wrapping it would guide nothing.
@@ -119,16 +128,29 @@ class GuidedOptimizer(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Check the new parameters, then forward to the base optimizer; they are guided
-        too (a rejected group is never forwarded, so the optimizer stays as it was)."""
+        too (a rejected group is never forwarded, so the optimizer stays as it was).
+
+        With captured references, trainable parameters cannot be added: the references
+        hold no tensor for them (``set_reference``'s rule), and guidance would turn their
+        gradients toward zero. Switch to ``set_reference("ema")``, add the group, then set
+        references that cover every parameter.
+        """
         params = param_group["params"]
         if isinstance(params, set):  # as torch refuses: the state is keyed by position
             raise TypeError("param_group['params'] is a set, whose order changes between runs; pass a list")
         params = [params] if isinstance(params, Tensor) else list(params)
         param_group = {**param_group, "params": params}
         group = len(self.param_groups)
-        self._check_params([(f"'{p[0]}' (shape {tuple(p[1].shape)})" if isinstance(p, tuple)
-                             else f"param_groups[{group}] parameter #{j} (shape {tuple(p.shape)})",
-                             p[1] if isinstance(p, tuple) else p) for j, p in enumerate(params)])
+        described = [(f"'{p[0]}' (shape {tuple(p[1].shape)})" if isinstance(p, tuple)
+                      else f"param_groups[{group}] parameter #{j} (shape {tuple(p.shape)})",
+                      p[1] if isinstance(p, tuple) else p) for j, p in enumerate(params)]
+        self._check_params(described)
+        trainable = [d for d, p in described if isinstance(p, Tensor) and p.requires_grad]
+        if self._guidance.num_sources and trainable:
+            raise ValueError(f"cannot add {trainable[0]} while guiding toward captured references: they hold no "
+                             "tensor for it, and its gradient would be turned toward zero. Call "
+                             "set_reference('ema'), add the group, then set_reference(...) with references that "
+                             "cover every parameter")
         self.base_optimizer.add_param_group(param_group)
         self._guidance.grow(self._num_blocks())
 

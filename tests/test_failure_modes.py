@@ -476,3 +476,30 @@ def test_capture_puts_batchnorm_running_statistics_back():
     assert model.training  # captured in the model's own (training) mode, which moves running statistics
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "capture changed the model's state"
+
+
+def test_an_optimizer_already_prepared_by_accelerate_is_refused():
+    # guided outside Accelerate's optimizer, every micro-batch's half-accumulated gradient was rewritten
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    m, opt = acc.prepare(torch.nn.Linear(4, 1), torch.optim.SGD(torch.nn.Linear(4, 1).parameters(), lr=0.1))
+    with pytest.raises(TypeError, match="AcceleratedOptimizer.*GuidancePlugin"):
+        GuidedOptimizer(opt)
+
+
+def test_parameters_a_captured_reference_does_not_cover_cannot_be_added():
+    body, extra = torch.nn.Linear(4, 2), torch.nn.Linear(4, 2)
+    x = torch.randn(8, 4)
+    ref = capture_reference(body, [x], loss_fn=lambda m, b: m(b).pow(2).sum())
+    opt = GuidedAdamW(body.parameters(), lr=1e-2, reference=ref)
+    with pytest.raises(ValueError, match=r"cannot add param_groups\[1\] parameter #0 .*set_reference\('ema'\)"):
+        opt.add_param_group({"params": list(extra.parameters())})
+    assert len(opt.param_groups) == 1
+    opt.set_reference("ema")  # the documented way round: EMA, add, then references that cover everything
+    opt.add_param_group({"params": list(extra.parameters())})
+    both = torch.nn.ModuleList([body, extra])
+    opt.set_reference(capture_reference(both, [x], loss_fn=lambda m, b: m[0](b).sum() + m[1](b).sum()))
+    assert opt.reference_mode == "sources"
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2), requires_grad=False)]})  # nothing to guide
+    assert len(opt.param_groups) == 3

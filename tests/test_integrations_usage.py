@@ -52,3 +52,20 @@ def test_callback_is_quiet_and_logs_guidance_with_max_grad_norm_0(tmp_path, recw
     assert not [w for w in recwarn if "clips gradients before" in str(w.message)]
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert logs and all("guidance/cos" in h and "guidance/grad_norm" in h for h in logs)
+
+
+def test_callback_adds_guidance_to_the_history_of_a_step_that_logged_nan():
+    # a skipped (non-finite) step logs grad_norm nan; nan != nan once kept its figures out of log_history
+    from types import SimpleNamespace
+
+    from sgg_optim import GuidedAdamW
+    from sgg_optim.integrations.transformers import GuidanceCallback
+
+    m = torch.nn.Linear(3, 1)
+    opt = GuidedAdamW(m.parameters(), lr=1e-3)
+    m(torch.randn(2, 3)).sum().backward()
+    opt.step()
+    entry = {"loss": 1.0, "grad_norm": float("nan"), "step": 3}
+    state = SimpleNamespace(log_history=[entry], global_step=3)
+    GuidanceCallback().on_log(None, state, None, logs={"loss": 1.0, "grad_norm": float("nan")}, optimizer=opt)
+    assert entry["guidance/step"] == 1 and "guidance/grad_norm" in entry

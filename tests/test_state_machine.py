@@ -168,6 +168,13 @@ class Training(RuleBasedStateMachine):
         gen = torch.Generator().manual_seed(self.seed + 17 + self.extra)
         p = _param(*SHAPES[name], gen)
         label = f"extra{self.extra}.{name}"
+        if self.num_sources:  # captured references hold nothing for it: refused, nothing changes
+            before = [len(opt.param_groups) for opt, _ in (self.live, self.twin)]
+            for opt, _ in (self.live, self.twin):
+                with pytest.raises(ValueError, match="cannot add"):
+                    opt.add_param_group({"params": [(label, p)], "lr": 3e-3, "initial_lr": 3e-3})
+            assert [len(opt.param_groups) for opt, _ in (self.live, self.twin)] == before
+            return
         for i, (opt, _) in enumerate((self.live, self.twin)):
             q = p if i == 0 else torch.nn.Parameter(p.detach().clone())
             opt.add_param_group({"params": [(label, q)], "lr": 3e-3, "initial_lr": 3e-3})

@@ -60,8 +60,13 @@ class GuidanceCallback(TrainerCallback):
         logs.update(values)
         last = state.log_history[-1] if state.log_history else None
         if last is not None and last.get("step") == state.global_step and all(
-                last.get(k) == v for k, v in logs.items() if k not in values):
+                _same(last.get(k), v) for k, v in logs.items() if k not in values):
             last.update(values)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal, NaN counting as equal to NaN (a skipped step logs ``grad_norm: nan``)."""
+    return a == b or (isinstance(a, float) and isinstance(b, float) and a != a and b != b)
 
 
 def _is_training_log(logs: dict[str, Any]) -> bool:
