@@ -321,3 +321,16 @@ def test_bench_report_prints_the_protocol_tables(tmp_path, toy_task, capsys):
     line = next(x for x in out.splitlines() if x.startswith("| adamw-clip | 12 |"))
     assert "+5.0 [" in line and line.endswith("| helps |")
     assert "| 0% |" in line  # failed-run rate: eval_majority filled in from the task (0.5)
+
+
+def test_forgetting_at_each_lr():
+    # the drop grows with the lr here; the chosen-lr table alone would hide it
+    rows = [{"task": "t", "k": 4, "seed": s, "strategy": "pretrained", "lr": 0.0, "val_acc": 0.5,
+             "retention": {"src": 0.9}} for s in range(5)]
+    rows += [{"task": "t", "k": 4, "seed": s, "strategy": "adamw", "lr": lr, "val_acc": 0.5 + (lr < 1e-4) * 0.1,
+              "retention": {"src": 0.9 - drop - s / 1000}} for s in range(5) for lr, drop in ((5e-5, 0.02), (2e-4, 0.15))]
+    [chosen] = results.forgetting(rows, resamples=200)
+    [high] = results.forgetting(rows, at_lr=2e-4, resamples=200)
+    assert chosen["drop"].mean == pytest.approx(0.022) and high["drop"].mean == pytest.approx(0.152)
+    table = results.forgetting_table(rows, resamples=200)
+    assert "At each lr:" in table and "| 0.0002 | adamw | src | 5 |" in table

@@ -543,11 +543,13 @@ def claims_table(rows: Iterable[Mapping[str, Any]], baseline: str = "adamw", **b
 
 
 def forgetting(rows: Iterable[Mapping[str, Any]], baseline: str = "pretrained", compare_to: str = "adamw",
-               lrs: Optional[Mapping[str, Sequence[float]]] = None, **bootstrap: Any) -> list[dict[str, Any]]:
-    """What tuning cost elsewhere: per row (at its validation-chosen lr) and retention task,
-    the figure after tuning, the drop against ``baseline`` (the untuned model: ``before -
-    after``, paired over (task, K, seed)) with its bootstrap interval, and the difference
-    of drops against ``compare_to`` (negative: this row forgets less).
+               lrs: Optional[Mapping[str, Sequence[float]]] = None, at_lr: Optional[float] = None,
+               **bootstrap: Any) -> list[dict[str, Any]]:
+    """What tuning cost elsewhere: per row (at its validation-chosen lr, or at ``at_lr``)
+    and retention task, the figure after tuning, the drop against ``baseline`` (the
+    untuned model: ``before - after``, paired over (task, K, seed)) with its bootstrap
+    interval, and the difference of drops against ``compare_to`` (negative: this row
+    forgets less).
 
     >>> rows = [{"task": "t", "k": 4, "seed": s, "strategy": n, "lr": 1e-4 if n != "pretrained" else 0.0,
     ...          "val_acc": 0.5, "retention": {"src": a + s / 100}}
@@ -556,7 +558,13 @@ def forgetting(rows: Iterable[Mapping[str, Any]], baseline: str = "pretrained", 
     [('adamw', 0.2, None), ('kind', 0.1, -0.1)]
     """
     rows = [r for r in rows if r.get("retention")]
-    by_strategy = chosen_by_strategy(rows, lrs)
+    if at_lr is None:
+        by_strategy = chosen_by_strategy(rows, lrs)
+    else:  # every row at this lr; the untuned baseline has none
+        by_strategy = defaultdict(dict)
+        for r in rows:
+            if r["strategy"] == baseline or float(r.get("lr", 0.0)) == at_lr:
+                by_strategy[r["strategy"]][pair_of(r)] = r
     before = by_strategy.get(baseline, {})
     tasks = sorted({t for r in rows for t in r["retention"]})
 
@@ -586,15 +594,23 @@ def forgetting(rows: Iterable[Mapping[str, Any]], baseline: str = "pretrained", 
 
 def forgetting_table(rows: Iterable[Mapping[str, Any]], baseline: str = "pretrained", compare_to: str = "adamw",
                      **bootstrap: Any) -> str:
-    """:func:`forgetting` as Markdown (accuracy in %, drops in points); empty without retention rows."""
+    """:func:`forgetting` as Markdown (accuracy in %, drops in points): at each row's
+    validation-chosen lr, then at each lr of the sweep; empty without retention rows."""
+    rows = [r for r in rows if r.get("retention")]
     recs = forgetting(rows, baseline, compare_to, **bootstrap)
     if not recs:
         return ""
-    return markdown_table(
-        ["row", "retention task", "pairs", f"{baseline}", "after tuning", "drop [95% CI]",
-         f"drop - {compare_to}'s drop [95% CI]", "verdict"],
-        [[r["strategy"], r["task"], str(r["n"]), _pct(r["before"]), _pct(r["after"])] + _diff(r["drop"])[:1]
-         + (_diff(r["vs"]) if r["vs"] is not None else ["—", "—"]) for r in recs])
+    head = ["row", "retention task", "pairs", f"{baseline}", "after tuning", "drop [95% CI]",
+            f"drop - {compare_to}'s drop [95% CI]", "verdict"]
+
+    def line(r: Mapping[str, Any]) -> list[str]:
+        return [r["strategy"], r["task"], str(r["n"]), _pct(r["before"]), _pct(r["after"])] + _diff(r["drop"])[:1] \
+            + (_diff(r["vs"]) if r["vs"] is not None else ["—", "—"])
+
+    per_lr = [[f"{lr:g}"] + line(r) for lr in sorted({float(r["lr"]) for r in rows if r["strategy"] != baseline})
+              for r in forgetting(rows, baseline, compare_to, at_lr=lr, **bootstrap)]
+    return (markdown_table(head, [line(r) for r in recs]) + "\n\nAt each lr:\n\n"
+            + markdown_table(["lr"] + head, per_lr))
 
 
 def _ci(p: Paired) -> str:
