@@ -10,8 +10,9 @@
 # longest (about 1 min on a binary task, 10 min on bbc-topic's 80 shots, 1 thread).
 # With SGG_TREE=DIR the code comes from that checkout (a `git worktree` at a fixed
 # commit), so edits to the working tree cannot reach a queue that runs for hours; the
-# results still go to this checkout's file. Every row so far ran at 872f97b; keep the
-# grid there, so that later seeds share the arithmetic of the earlier ones:
+# results still go to this checkout's file. The streams have run at 872f97b since the
+# second session (earlier rows at commits with the same arithmetic, bit for bit: see
+# protocol_v2.md); keep the grid there, so that later seeds share it:
 #   git worktree add --detach /work/gridtree 872f97b
 #   SGG_TREE=/work/gridtree nohup bash benchmarks/queue_v2.sh main > /tmp/queue_main.log 2>&1 &
 set -euo pipefail
