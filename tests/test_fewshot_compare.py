@@ -164,6 +164,7 @@ def test_compare_python_api_with_a_causal_lm(llama_dir, data_file, tmp_path):
     (["--lrs=-1e-3"], "--lrs takes learning rates > 0"),
     (["--lrs="], "--lrs takes learning rates > 0"),
     (["--out", "{tmp}/a_file"], "is a file"),
+    (["--strategies="], "strategies: give at least one"),  # once ran nothing and said "Nothing ran"
 ])
 def test_bad_inputs_stop_before_training(monkeypatch, bert_dir, data_file, tmp_path, extra, message):
     def no_training(*a, **k):

@@ -119,6 +119,8 @@ def compare(task: Task, model: str | Callable[[Any], Any], strategies: Sequence[
     from .models import check_label_words
 
     try:
+        if not strategies:
+            raise ValueError("strategies: give at least one (e.g. adamw,cone-kshot)")
         strats = check_strategies(strategies, source, task)
         check_shots(task, shots)
         if not lrs or not all(math.isfinite(float(x)) and float(x) > 0 for x in lrs):
