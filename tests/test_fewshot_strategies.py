@@ -139,3 +139,38 @@ def test_lp_ft_probe_phase_leaves_the_encoder_bit_identical():
                 assert torch.equal(value, start[n]) != training.is_head(n), (name, step, n)
         assert not torch.equal(seen[-1]["bert.embeddings.word_embeddings.weight"],
                                start["bert.embeddings.word_embeddings.weight"])
+
+
+def test_cone_source_body_guides_the_body_and_leaves_the_head_alone():
+    """The head's gradient reaches AdamW as computed; the body's is rotated onto the cone of
+    its own reference (the body block's cosine, not one diluted by the head's gradient)."""
+    torch.manual_seed(0)
+    model = _bert()
+    names = [n for n, _ in model.named_parameters()]
+    # a reference far from the gradient: the cone must act on the body
+    ref = Reference({n: torch.randn_like(p) for n, p in model.named_parameters()}).bind(model)
+    opt = get_strategy("cone-source-body").build_optimizer(model, 1e-3, ref)
+    assert [len(g["params"]) for g in opt.param_groups] == [len(names) - 2, 2]
+    batch = {"input_ids": torch.randint(0, 20, (4, 6)), "labels": torch.tensor([0, 1, 0, 1])}
+    model(**batch).loss.backward()
+    raw = {n: p.grad.clone() for n, p in model.named_parameters()}
+    seen = {}
+    # what the base step sees: the guided gradients
+    opt.base_optimizer.register_step_pre_hook(
+        lambda o, a, k: seen.update({n: p.grad.clone() for n, p in model.named_parameters()}))
+    opt.step()
+    for n in names:
+        if n.startswith("classifier."):
+            assert torch.equal(seen[n], raw[n]), n  # pass-through
+    body = [n for n in names if not n.startswith("classifier.")]
+    g = torch.cat([raw[n].flatten() for n in body])
+    r = torch.cat([ref[n].flatten() for n in body])
+    out = torch.cat([seen[n].flatten() for n in body])
+    cos = lambda a, b: float(a @ b / (a.norm() * b.norm()))
+    assert cos(g, r) < 0.5 - 1e-3  # outside the 60-degree cone: rotated onto its edge
+    assert abs(cos(out, r) - 0.5) < 1e-4 and abs(float(out.norm() / g.norm()) - 1) < 1e-4
+    assert all(float(ref[n].abs().sum()) > 0 for n in names)  # the caller's reference is not zeroed
+    with pytest.raises(ValueError, match="guide_head=False needs guidance with scope='group'"):
+        Strategy("x", guidance={"direction": "cone"}, reference="source", guide_head=False)
+    with pytest.raises(ValueError, match="guide_head=False"):
+        Strategy("x", guidance={"direction": "cone", "scope": "group"}, guide_head=False)

@@ -82,11 +82,16 @@ class Strategy:
     probe_fraction: float = 0.0
     own_loop: bool = False
     requires: tuple[str, ...] = ()
+    guide_head: bool = True
     description: str = ""
 
     def __post_init__(self) -> None:
         if self.reference not in REFERENCES:
             raise ValueError(f"strategy {self.name}: reference must be one of {REFERENCES}, got {self.reference!r}")
+        if not self.guide_head and (self.guidance is None or self.guidance.get("scope") != "group"
+                                    or self.reference == "ema"):
+            raise ValueError(f"strategy {self.name}: guide_head=False needs guidance with scope='group' "
+                             "and a captured reference (an EMA reference would guide the head by its own past)")
 
     def build_optimizer(self, model: nn.Module, lr: float,
                         reference: Optional[Reference | Sequence[Reference]] = None) -> torch.optim.Optimizer:
@@ -105,7 +110,17 @@ class Strategy:
             if reference is None:
                 raise ValueError(f"strategy {self.name} needs a {self.reference} reference")
             kwargs["reference"] = reference
-        return GuidedAdamW(params, lr=lr, weight_decay=0.01, **kwargs)
+        groups: Any = params
+        if not self.guide_head:
+            from .training import is_head, without_head
+
+            head = [(n, p) for n, p in params if is_head(n)]
+            if not head:
+                raise ValueError(f"strategy {self.name} leaves the classification head unguided; "
+                                 "this model has no head parameter")
+            groups = [{"params": [(n, p) for n, p in params if not is_head(n)]}, {"params": head}]
+            kwargs["reference"] = without_head(reference, model)
+        return GuidedAdamW(groups, lr=lr, weight_decay=0.01, **kwargs)
 
 
 STRATEGIES: dict[str, Strategy] = {}
@@ -141,7 +156,7 @@ def compose(a: Strategy, b: Strategy) -> Strategy:
         name=f"{a.name}+{b.name}", lr_grid=lr_grid, guidance=pick("guidance", None),
         clip_norm=pick("clip_norm", None), lora=lora, reference=pick("reference", "ema"),
         probe_fraction=pick("probe_fraction", 0.0), own_loop=a.own_loop or b.own_loop,
-        requires=tuple(dict.fromkeys(a.requires + b.requires)),
+        requires=tuple(dict.fromkeys(a.requires + b.requires)), guide_head=a.guide_head and b.guide_head,
         prepare=prepare if len(hooks) > 1 else (hooks[0] if hooks else None),
         objective=a.objective or b.objective, train=a.train and b.train,
         description=f"{a.description}; {b.description}".strip("; "),
@@ -189,6 +204,9 @@ for _s in (
     Strategy("cone-kshot", guidance=_CONE, reference="kshot",
              description="cone 60 deg + adaptive norm around the K shots' own mean gradient at the start "
                          "(class-balanced, frozen; no source task)"),
+    Strategy("cone-source-body", guidance={**_CONE, "scope": "group"}, reference="source", guide_head=False,
+             description="cone-source with the fresh head left out: the body is one block guided toward the "
+                         "source's body gradient, the head another, unguided"),
     Strategy("project-kshot", guidance=_PROJECT, reference="kshot",
              description="A-GEM-style projection on the K shots' mean gradient at the start (frozen)"),
     Strategy("adaptive", guidance=_ADAPTIVE,

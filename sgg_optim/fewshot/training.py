@@ -251,6 +251,15 @@ def is_head(name: str) -> bool:
     return any(part in HEAD_NAMES for part in name.split("."))
 
 
+def without_head(reference: Any, model: nn.Module) -> Any:
+    """``reference`` (one :class:`Reference` or a list) with the head's entries zero, bound
+    to ``model``: a block whose reference is zero is left unguided."""
+    if isinstance(reference, (list, tuple)):
+        return [without_head(r, model) for r in reference]
+    return Reference({n: torch.zeros_like(reference[n]) if is_head(n) else reference[n] for n in reference.names},
+                     storage=reference.storage).bind(model)
+
+
 def fit(model: nn.Module, opt: torch.optim.Optimizer, data: Iterable[dict[str, Any]],
         loss_fn: Optional[Callable[[nn.Module, dict[str, Any]], Tensor]] = None, *,
         before_step: Optional[Callable[[int], None]] = None,
