@@ -90,6 +90,7 @@ class GuidedOptimizer(Optimizer):
         self._patch_step_function()
         self._ref_names: dict[Tensor, str] = {}  # names learnt from bound references, for messages
         self._check_params([(self._describe(i), p) for i, (_, p) in enumerate(self._flat_params())])
+        self._check_duplicates()
         self._guidance = GuidanceState()
         self._step = _StepCache()
         self.set_reference(reference)
@@ -145,6 +146,12 @@ class GuidedOptimizer(Optimizer):
                       else f"param_groups[{group}] parameter #{j} (shape {tuple(p.shape)})",
                       p[1] if isinstance(p, tuple) else p) for j, p in enumerate(params)]
         self._check_params(described)
+        seen: set[Tensor] = set()
+        for d, p in described:
+            if p in seen:
+                raise ValueError(f"parameter {d} appears twice in the new param group: guidance would count and "
+                                 "rewrite its gradient twice; list each parameter once")
+            seen.add(p)
         trainable = [d for d, p in described if isinstance(p, Tensor) and p.requires_grad]
         if self._guidance.num_sources and trainable:
             raise ValueError(f"cannot add {trainable[0]} while guiding toward captured references: they hold no "
@@ -155,7 +162,25 @@ class GuidedOptimizer(Optimizer):
         self._guidance.grow(self._num_blocks())
 
     def __getstate__(self) -> dict[str, Any]:
-        return self.__dict__
+        # Without the instance's own ``step``: a learning-rate scheduler replaces it with
+        # a wrapper that cannot be pickled; torch's optimizers drop it the same way, and
+        # unpickling re-patches the class's step (below).
+        return {k: v for k, v in self.__dict__.items() if k != "step"}
+
+    def __getattr__(self, name: str) -> Any:
+        """The base optimizer's own attributes, for code written against it (Adafactor's
+        ``_get_lr``, the ``train()``/``eval()`` of schedule-free optimizers).
+
+        Not ``_step_supports_amp_scaling``: a fused base unscales inside its step, but
+        ``GradScaler`` must unscale (and skip inf steps) before guidance sees the gradients.
+        """
+        base = self.__dict__.get("base_optimizer")  # absent while unpickling
+        if base is not None and not name.startswith("__") and name != "_step_supports_amp_scaling":
+            try:
+                return getattr(base, name)
+            except AttributeError:
+                pass
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # torch's: also re-patches step for hooks after unpickling
@@ -184,6 +209,16 @@ class GuidedOptimizer(Optimizer):
         where = f"'{names[p]}'" if p in names else f"param_groups[{gi}] parameter #{j}"
         return f"{where} (shape {tuple(p.shape)})"
 
+    def _check_duplicates(self) -> None:
+        """Raise ``ValueError`` for a parameter listed twice in one group (torch only warns):
+        its gradient would count twice in the block's norms and be rewritten twice."""
+        seen: set[Tensor] = set()
+        for i, (_, p) in enumerate(self._flat_params()):
+            if p in seen:
+                raise ValueError(f"parameter {self._describe(i)} appears twice in the optimizer's param_groups: "
+                                 "guidance would count and rewrite its gradient twice; list each parameter once")
+            seen.add(p)
+
     @staticmethod
     def _check_params(params: Sequence[tuple[str, Tensor]]) -> None:
         """Raise ``ValueError`` for a parameter guidance cannot handle, by its description."""
@@ -199,9 +234,17 @@ class GuidedOptimizer(Optimizer):
         flat = self._flat_params()
         if tuple(map(id, (p for _, p in flat))) != self._step.param_ids:
             self._follow_parameters()
+        sources = self._guidance.sources if self._guidance.num_sources else None
         for i, (gi, p) in enumerate(flat):
             if not p.requires_grad or p.grad is None:
                 continue
+            if sources is not None and i not in sources:
+                # frozen when the references were set, unfrozen since (gradual unfreezing):
+                # as add_param_group's rule, rather than turn its gradient toward zero
+                raise ValueError(f"parameter {self._describe(i)} has a gradient but no tensor in the captured "
+                                 "references (it did not require grad when they were set): call "
+                                 "set_reference(...) again with references that cover it, or "
+                                 "set_reference('ema')")
             if p.grad.is_sparse or p.grad.layout != torch.strided:
                 raise ValueError(f"parameter {self._describe(i)} has a sparse gradient; "
                                  "guidance needs dense gradients")

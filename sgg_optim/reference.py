@@ -42,6 +42,14 @@ def _unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+def _user_name(name: str) -> str:
+    """``name`` without the prefixes :func:`_unwrap` strips (``torch.compile``'s
+    ``_orig_mod.``, DDP's ``module.``), as a reference bound to the model names it."""
+    while name.startswith(("_orig_mod.", "module.")):
+        name = name.split(".", 1)[1]
+    return name
+
+
 def local_device(t: Tensor) -> torch.device:
     """The device of ``t``'s data on this rank (its local shard's, for a DTensor)."""
     return t.to_local().device if is_sharded(t) else t.device
@@ -128,16 +136,22 @@ class Reference:
 
     def _key(self, param: Tensor, name: Optional[str]) -> Optional[str]:
         key = self._bound.get(param, name)
+        if key is not None and key not in self.stores:
+            key = _user_name(key)  # an optimizer built from a compiled or DDP model's named_parameters()
         return key if key in self.stores else None
 
     def check_covers(self, param: Tensor, name: Optional[str], description: str, source: int = 0) -> None:
         """Raise ``ValueError`` unless this reference has ``param``'s tensor with its shape."""
         key = self._key(param, name)
         if key is None:
-            hint = "" if (self._bound or name) else (
-                " (the reference is not bound to a model: use Reference.load(path, model), "
-                "capture_reference(model, ...), ref.bind(model), or build the optimizer "
-                "from model.named_parameters())")
+            hint = ""
+            if self._bound and param not in self._bound:
+                hint = (" (the reference is bound to another model's parameters, none of which is this one: "
+                        "bind it to the model being trained with ref.bind(model))")
+            elif not (self._bound or name):
+                hint = (" (the reference is not bound to a model: use Reference.load(path, model), "
+                        "capture_reference(model, ...), ref.bind(model), or build the optimizer "
+                        "from model.named_parameters())")
             raise ValueError(f"reference {source} has no tensor for parameter {description}{hint}")
         shape = self.shape(key)
         if shape != param.shape:

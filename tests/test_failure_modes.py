@@ -503,3 +503,104 @@ def test_parameters_a_captured_reference_does_not_cover_cannot_be_added():
     assert opt.reference_mode == "sources"
     opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2), requires_grad=False)]})  # nothing to guide
     assert len(opt.param_groups) == 3
+
+
+# -- probe of 2026-12-02 (schedulers, unfreezing, names, duplicates) ----------------------
+def test_a_wrapper_with_a_scheduler_attached_pickles_and_steps_like_the_original():
+    import pickle
+
+    m = tiny_mlp()
+    opt = GuidedAdamW(m.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)  # replaces opt.step on the instance
+    backward(m, 0)
+    opt.step()
+    sched.step()
+    twin = pickle.loads(pickle.dumps((m, opt)))
+    for model, o in ((m, opt), twin):
+        o.zero_grad()
+        backward(model, 1)
+        o.step()
+    assert all(torch.equal(a, b) for a, b in zip(m.parameters(), twin[0].parameters()))
+    assert twin[1].param_groups[0]["lr"] == opt.param_groups[0]["lr"] == 5e-3
+
+
+class _ScheduleFree(torch.optim.SGD):
+    """A base with modes and a private helper, as schedule-free optimizers and Adafactor have."""
+
+    mode = "train"
+
+    def train(self):
+        self.mode = "train"
+
+    def eval(self):
+        self.mode = "eval"
+
+    def _get_lr(self, group):
+        return group["lr"] * 2
+
+
+def test_the_base_optimizers_own_attributes_are_reachable_through_the_wrapper():
+    base = _ScheduleFree(torch.nn.Linear(2, 1).parameters(), lr=0.1)
+    opt = GuidedOptimizer(base)
+    assert hasattr(opt, "train")  # the Trainer calls optimizer.train() only behind this check
+    opt.eval()
+    assert base.mode == "eval" and opt.mode == "eval"
+    assert opt._get_lr(opt.param_groups[0]) == 0.2
+    with pytest.raises(AttributeError, match="'GuidedOptimizer' object has no attribute 'nope'"):
+        opt.nope
+    # never the AMP flag: GradScaler must unscale before guidance, not inside a fused step
+    fused = GuidedOptimizer(torch.optim.AdamW(torch.nn.Linear(2, 1).parameters(), fused=True))
+    assert fused.base_optimizer._step_supports_amp_scaling
+    assert getattr(fused, "_step_supports_amp_scaling", False) is False
+
+
+def test_a_parameter_unfrozen_after_the_references_were_set_is_named_and_nothing_moves():
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    m[0].requires_grad_(False)  # stage 1 of gradual unfreezing: the reference covers the head only
+    ref = capture_reference(m, [torch.randn(8, 6)], loss_fn=lambda mm, x: mm(x).pow(2).mean())
+    opt = GuidedOptimizer(torch.optim.AdamW(m.parameters(), lr=1e-2), reference=ref, max_angle=10)
+    m[0].requires_grad_(True)  # stage 2: before, its gradient was turned toward zero silently
+    m(torch.randn(8, 6)).pow(2).mean().backward()
+    before, grad = _params(m), m[0].weight.grad.clone()
+    with pytest.raises(ValueError, match=r"parameter '0\.weight' \(shape \(4, 6\)\) has a gradient but no tensor "
+                                         r"in the captured references.*set_reference"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, m.parameters())) and len(opt.state) == 0
+    assert torch.equal(m[0].weight.grad, grad)
+    opt.set_reference(capture_reference(m, [torch.randn(8, 6)], loss_fn=lambda mm, x: mm(x).pow(2).mean()))
+    opt.step()  # the way round the message names
+    assert not torch.equal(before[0], m[0].weight)
+
+
+def test_a_reference_bound_to_another_instance_says_so():
+    a, b = tiny_mlp(), tiny_mlp()
+    ref = _ref(a)
+    with pytest.raises(ValueError, match=r"bound to another model's parameters.*ref\.bind\(model\)"):
+        GuidedAdamW(b.parameters(), lr=1e-2, reference=ref)
+    GuidedAdamW(b.parameters(), lr=1e-2, reference=ref.bind(b))
+
+
+def test_names_of_a_compiled_or_ddp_model_match_a_hand_built_reference():
+    m = tiny_mlp()
+    ref = Reference({n: torch.ones_like(p) for n, p in m.named_parameters()})  # unbound: matched by name
+    for prefix in ("_orig_mod.", "module.", "module._orig_mod."):
+        named = [(prefix + n, p) for n, p in m.named_parameters()]
+        assert GuidedAdamW(named, lr=1e-2, reference=ref).reference_mode == "sources"
+    with pytest.raises(ValueError, match="has no tensor for parameter 'other.0.weight'"):
+        GuidedAdamW([("other." + n, p) for n, p in m.named_parameters()], lr=1e-2, reference=ref)
+
+
+def test_a_parameter_listed_twice_in_a_group_is_refused():
+    m = tiny_mlp()
+    p = next(m.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch only warns ("will become an error")
+        base = torch.optim.SGD([p, p], lr=0.1)
+    with pytest.raises(ValueError, match=r"param_groups\[0\] parameter #1 .* appears twice"):
+        GuidedOptimizer(base)
+    opt = GuidedOptimizer(torch.optim.SGD([p], lr=0.1))
+    q = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match=r"appears twice in the new param group"):
+        opt.add_param_group({"params": [q, q]})
+    assert len(opt.param_groups) == 1
