@@ -37,9 +37,10 @@ def pack_guidance(state: GuidanceState, config: GuidanceConfig, reference_mode: 
     for i in sorted(state.ema):
         refs.setdefault(i, {})["ema"] = save(i, state.ema[i])
     for i in sorted(state.sources):
+        entry = refs.setdefault(i, {})  # kept when empty: the parameter is covered (its sources were not finite)
         for j, s in enumerate(state.sources[i]):
             if s is not None:
-                refs.setdefault(i, {})[f"source{j}"] = save(i, s)
+                entry[f"source{j}"] = save(i, s)
     return {
         "format": CHECKPOINT_FORMAT,
         "config": config.as_dict(),
@@ -134,6 +135,8 @@ def _unpack_references(saved_refs: Any, params: list[Tensor], num_sources: int, 
                              f", expected some of {sorted(keys)}")
         p = local_shard(params[i])
         shape = params[i].shape if cut is not None else p.shape
+        if reference_mode != "ema":
+            sources.setdefault(i, [None] * num_sources)
         for key, tensors in entry.items():
             try:
                 if not isinstance(tensors, dict):
@@ -147,5 +150,5 @@ def _unpack_references(saved_refs: Any, params: list[Tensor], num_sources: int, 
             if key == "ema":
                 ema[i] = store
             else:
-                sources.setdefault(i, [None] * num_sources)[int(key[len("source"):])] = store
+                sources[i][int(key[len("source"):])] = store
     return ema, sources

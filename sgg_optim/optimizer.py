@@ -11,6 +11,7 @@ import difflib
 import inspect
 import math
 import os
+import re
 import sys
 import warnings
 from collections import OrderedDict
@@ -32,6 +33,10 @@ from .state import BlockState, GuidanceState
 from .storage import Store, make_store, zeros_store
 
 ReferenceSpec = Union[str, Reference, Sequence[Reference]]
+
+
+# the hook dicts torch's Optimizer keeps per instance (``_optimizer_step_pre_hooks``, ...)
+_HOOKS = re.compile(r"_optimizer_(step|state_dict|load_state_dict)_(pre|post)_hooks")
 
 
 class GuidedOptimizer(Optimizer):
@@ -90,7 +95,6 @@ class GuidedOptimizer(Optimizer):
         self._patch_step_function()
         self._ref_names: dict[Tensor, str] = {}  # names learnt from bound references, for messages
         self._check_params([(self._describe(i), p) for i, (_, p) in enumerate(self._flat_params())])
-        self._check_duplicates()
         self._guidance = GuidanceState()
         self._step = _StepCache()
         self.set_reference(reference)
@@ -145,13 +149,7 @@ class GuidedOptimizer(Optimizer):
         described = [(f"'{p[0]}' (shape {tuple(p[1].shape)})" if isinstance(p, tuple)
                       else f"param_groups[{group}] parameter #{j} (shape {tuple(p.shape)})",
                       p[1] if isinstance(p, tuple) else p) for j, p in enumerate(params)]
-        self._check_params(described)
-        seen: set[Tensor] = set()
-        for d, p in described:
-            if p in seen:
-                raise ValueError(f"parameter {d} appears twice in the new param group: guidance would count and "
-                                 "rewrite its gradient twice; list each parameter once")
-            seen.add(p)
+        self._check_params(described, where="the new param group")
         trainable = [d for d, p in described if isinstance(p, Tensor) and p.requires_grad]
         if self._guidance.num_sources and trainable:
             raise ValueError(f"cannot add {trainable[0]} while guiding toward captured references: they hold no "
@@ -162,10 +160,10 @@ class GuidedOptimizer(Optimizer):
         self._guidance.grow(self._num_blocks())
 
     def __getstate__(self) -> dict[str, Any]:
-        # Without the instance's own ``step``: a learning-rate scheduler replaces it with
-        # a wrapper that cannot be pickled; torch's optimizers drop it the same way, and
-        # unpickling re-patches the class's step (below).
-        return {k: v for k, v in self.__dict__.items() if k != "step"}
+        # As torch's optimizers: without the instance's own ``step`` (a learning-rate
+        # scheduler's wrapper) and without hooks (often closures); unpickling makes empty
+        # hook dicts and patches the class's step again (below).
+        return {k: v for k, v in self.__dict__.items() if k != "step" and not _HOOKS.fullmatch(k)}
 
     def __getattr__(self, name: str) -> Any:
         """The base optimizer's own attributes, for code written against it (Adafactor's
@@ -174,6 +172,8 @@ class GuidedOptimizer(Optimizer):
         Not ``_step_supports_amp_scaling``: a fused base unscales inside its step, but
         ``GradScaler`` must unscale (and skip inf steps) before guidance sees the gradients.
         """
+        if hasattr(type(self), name):  # one of ours (a property) raised: let its own error through
+            return object.__getattribute__(self, name)
         base = self.__dict__.get("base_optimizer")  # absent while unpickling
         if base is not None and not name.startswith("__") and name != "_step_supports_amp_scaling":
             try:
@@ -209,21 +209,20 @@ class GuidedOptimizer(Optimizer):
         where = f"'{names[p]}'" if p in names else f"param_groups[{gi}] parameter #{j}"
         return f"{where} (shape {tuple(p.shape)})"
 
-    def _check_duplicates(self) -> None:
-        """Raise ``ValueError`` for a parameter listed twice in one group (torch only warns):
-        its gradient would count twice in the block's norms and be rewritten twice."""
-        seen: set[Tensor] = set()
-        for i, (_, p) in enumerate(self._flat_params()):
-            if p in seen:
-                raise ValueError(f"parameter {self._describe(i)} appears twice in the optimizer's param_groups: "
-                                 "guidance would count and rewrite its gradient twice; list each parameter once")
-            seen.add(p)
-
     @staticmethod
-    def _check_params(params: Sequence[tuple[str, Tensor]]) -> None:
-        """Raise ``ValueError`` for a parameter guidance cannot handle, by its description."""
+    def _check_params(params: Sequence[tuple[str, Tensor]], where: str = "the optimizer's param_groups") -> None:
+        """Raise ``ValueError`` for a parameter guidance cannot handle, by its description:
+        complex, or listed twice (torch only warns; its gradient would count twice in the
+        block's norms and be rewritten twice)."""
+        seen: set[Tensor] = set()
         for description, p in params:
-            if isinstance(p, Tensor) and p.is_complex():
+            if not isinstance(p, Tensor):
+                continue  # the base optimizer names what it is not
+            if p in seen:
+                raise ValueError(f"parameter {description} appears twice in {where}: guidance would count and "
+                                 "rewrite its gradient twice; list each parameter once")
+            seen.add(p)
+            if p.is_complex():
                 raise ValueError(f"parameter {description} is complex; guidance supports real parameters only "
                                  "(view it as real with torch.view_as_real, or leave it out)")
 
@@ -234,7 +233,8 @@ class GuidedOptimizer(Optimizer):
         flat = self._flat_params()
         if tuple(map(id, (p for _, p in flat))) != self._step.param_ids:
             self._follow_parameters()
-        sources = self._guidance.sources if self._guidance.num_sources else None
+        # (with direction "off" the references are never read)
+        sources = self._guidance.sources if self._guidance.num_sources and self.config.direction != "off" else None
         for i, (gi, p) in enumerate(flat):
             if not p.requires_grad or p.grad is None:
                 continue
@@ -242,7 +242,7 @@ class GuidedOptimizer(Optimizer):
                 # frozen when the references were set, unfrozen since (gradual unfreezing):
                 # as add_param_group's rule, rather than turn its gradient toward zero
                 raise ValueError(f"parameter {self._describe(i)} has a gradient but no tensor in the captured "
-                                 "references (it did not require grad when they were set): call "
+                                 "references (it was frozen when they were set, and unfrozen since): call "
                                  "set_reference(...) again with references that cover it, or "
                                  "set_reference('ema')")
             if p.grad.is_sparse or p.grad.layout != torch.strided:

@@ -42,12 +42,8 @@ def _unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def _user_name(name: str) -> str:
-    """``name`` without the prefixes :func:`_unwrap` strips (``torch.compile``'s
-    ``_orig_mod.``, DDP's ``module.``), as a reference bound to the model names it."""
-    while name.startswith(("_orig_mod.", "module.")):
-        name = name.split(".", 1)[1]
-    return name
+# what :func:`_unwrap` strips from parameter names: torch.compile's and DDP's wrappers
+_WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 
 
 def local_device(t: Tensor) -> torch.device:
@@ -135,10 +131,14 @@ class Reference:
         return dict(self._bound)
 
     def _key(self, param: Tensor, name: Optional[str]) -> Optional[str]:
-        key = self._bound.get(param, name)
-        if key is not None and key not in self.stores:
-            key = _user_name(key)  # an optimizer built from a compiled or DDP model's named_parameters()
-        return key if key in self.stores else None
+        if param in self._bound:  # the model's own name (binding already unwrapped it)
+            key = self._bound[param]
+            return key if key in self.stores else None
+        # a name from the optimizer (model.named_parameters()); a compiled or DDP model's
+        # carries '_orig_mod.' / 'module.': drop one at a time, first match wins
+        while name is not None and name not in self.stores:
+            name = name.split(".", 1)[1] if name.startswith(_WRAPPER_PREFIXES) else None
+        return name
 
     def check_covers(self, param: Tensor, name: Optional[str], description: str, source: int = 0) -> None:
         """Raise ``ValueError`` unless this reference has ``param``'s tensor with its shape."""
@@ -146,8 +146,9 @@ class Reference:
         if key is None:
             hint = ""
             if self._bound and param not in self._bound:
-                hint = (" (the reference is bound to another model's parameters, none of which is this one: "
-                        "bind it to the model being trained with ref.bind(model))")
+                hint = (" (the reference is bound to a model without this parameter: if that is another "
+                        "instance, bind it to the one being trained with ref.bind(model); if the parameter "
+                        "was added since, capture the reference again)")
             elif not (self._bound or name):
                 hint = (" (the reference is not bound to a model: use Reference.load(path, model), "
                         "capture_reference(model, ...), ref.bind(model), or build the optimizer "

@@ -576,7 +576,7 @@ def test_a_parameter_unfrozen_after_the_references_were_set_is_named_and_nothing
 def test_a_reference_bound_to_another_instance_says_so():
     a, b = tiny_mlp(), tiny_mlp()
     ref = _ref(a)
-    with pytest.raises(ValueError, match=r"bound to another model's parameters.*ref\.bind\(model\)"):
+    with pytest.raises(ValueError, match=r"bound to a model without this parameter.*ref\.bind\(model\)"):
         GuidedAdamW(b.parameters(), lr=1e-2, reference=ref)
     GuidedAdamW(b.parameters(), lr=1e-2, reference=ref.bind(b))
 
@@ -604,3 +604,62 @@ def test_a_parameter_listed_twice_in_a_group_is_refused():
     with pytest.raises(ValueError, match=r"appears twice in the new param group"):
         opt.add_param_group({"params": [q, q]})
     assert len(opt.param_groups) == 1
+
+
+def test_a_wrapped_models_prefix_is_never_stripped_from_a_bound_name():
+    class Wrapper(torch.nn.Module):  # a real submodule called "module", as torch.ao's QuantWrapper has
+        def __init__(self):
+            super().__init__()
+            self.module = torch.nn.Linear(3, 3, bias=False)
+            self.weight = torch.nn.Parameter(torch.ones(3, 3))
+
+    m = Wrapper()
+    m.module.requires_grad_(False)
+    ref = capture_reference(m, [torch.randn(4, 3)], loss_fn=lambda mm, x: (x @ mm.weight).sum())
+    assert ref.names == ["weight"]
+    m.module.requires_grad_(True)  # 'module.weight' must not be matched to the top-level 'weight'
+    with pytest.raises(ValueError, match=r"no tensor for parameter 'module\.weight'"):
+        GuidedAdamW(m.parameters(), lr=1e-2, reference=ref)
+
+
+@pytest.mark.parametrize("direction", ["cone", "project"])
+def test_a_non_finite_source_survives_a_state_dict_round_trip(direction):
+    # accelerate.prepare round-trips the state dict: a covered parameter whose source is not
+    # finite (direction off for its block) must stay covered, not look newly unfrozen
+    m = tiny_mlp()
+    ref = Reference({n: torch.full_like(p, math.nan) if n == "2.bias" else torch.randn_like(p)
+                     for n, p in m.named_parameters()}).bind(m)
+    opt = GuidedAdamW(m.parameters(), lr=1e-2, reference=ref, direction=direction, scope="tensor")
+    other = tiny_mlp(1)
+    twin = GuidedAdamW(other.parameters(), lr=1e-2, reference=_ref(other), direction=direction, scope="tensor")
+    twin.load_state_dict(opt.state_dict())
+    opt.load_state_dict(opt.state_dict())
+    for o in (opt, twin):
+        for p in o.param_groups[0]["params"]:
+            p.grad = torch.ones_like(p)
+        o.step()  # the NaN source's block passes through; no "frozen when they were set" error
+        assert o.stats["skipped"] == 0
+
+
+def test_the_unfrozen_check_does_not_fire_when_references_are_never_read():
+    m = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Linear(4, 2))
+    m[0].requires_grad_(False)
+    ref = capture_reference(m, [torch.randn(8, 6)], loss_fn=lambda mm, x: mm(x).pow(2).mean())
+    opt = GuidedOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), reference=ref, direction="off",
+                          magnitude="clip", max_norm=1.0)
+    m[0].requires_grad_(True)
+    m(torch.randn(8, 6)).pow(2).mean().backward()
+    opt.step()  # direction "off": magnitude control needs no reference
+    assert opt.stats["step"] == 1
+
+
+def test_a_wrapper_with_a_local_hook_pickles_as_torchs_optimizers_do():
+    import pickle
+
+    m = tiny_mlp()
+    opt, plain = GuidedAdamW(m.parameters(), lr=1e-2), torch.optim.AdamW(m.parameters(), lr=1e-2)
+    for o in (opt, plain):
+        o.register_step_pre_hook(lambda *a: None)  # a closure: not picklable, and not pickled
+    back = pickle.loads(pickle.dumps(opt))
+    pickle.loads(pickle.dumps(plain))
+    assert len(back._optimizer_step_pre_hooks) == len(plain.__getstate__().get("_optimizer_step_pre_hooks", {})) == 0

@@ -170,7 +170,17 @@ def test_cone_source_body_guides_the_body_and_leaves_the_head_alone():
     assert cos(g, r) < 0.5 - 1e-3  # outside the 60-degree cone: rotated onto its edge
     assert abs(cos(out, r) - 0.5) < 1e-4 and abs(float(out.norm() / g.norm()) - 1) < 1e-4
     assert all(float(ref[n].abs().sum()) > 0 for n in names)  # the caller's reference is not zeroed
+    for _ in range(12):  # past the magnitude warm-up, the head's direction is still its own
+        opt.zero_grad()
+        model(**batch).loss.backward()
+        raw = {n: p.grad.clone() for n, p in model.named_parameters()}
+        opt.step()
+        for n in names:
+            if n.startswith("classifier."):
+                a, b = seen[n].flatten(), raw[n].flatten()
+                assert float(a @ b) >= (1 - 1e-5) * float(a.norm() * b.norm()), n
     with pytest.raises(ValueError, match="guide_head=False needs guidance with scope='group'"):
         Strategy("x", guidance={"direction": "cone"}, reference="source", guide_head=False)
+    Strategy("x", guidance={"direction": "cone", "scope": "tensor"}, reference="source", guide_head=False)
     with pytest.raises(ValueError, match="guide_head=False"):
         Strategy("x", guidance={"direction": "cone", "scope": "group"}, guide_head=False)

@@ -67,7 +67,12 @@ class Strategy:
     ``"icl"`` (the label-word loss of the pretrained causal LM on in-context prompts of the
     source task) or ``"kshot"`` (the class-balanced mean gradient of the K-shot training
     set at the model's initial point, frozen: needs no source task). ``train=False``
-    evaluates the prepared model without training.
+    evaluates the prepared model without training. ``guide_head=False`` leaves the fresh
+    classification head out of direction guidance: it becomes a param group of its own
+    whose reference entries are zero (a block with no reference keeps its direction), and
+    the guidance keywords must say ``scope="group"`` (or ``"tensor"``) so that its
+    gradient does not enter the body's cosine either. The magnitude rule still applies,
+    per block.
     """
 
     name: str
@@ -88,7 +93,7 @@ class Strategy:
     def __post_init__(self) -> None:
         if self.reference not in REFERENCES:
             raise ValueError(f"strategy {self.name}: reference must be one of {REFERENCES}, got {self.reference!r}")
-        if not self.guide_head and (self.guidance is None or self.guidance.get("scope") != "group"
+        if not self.guide_head and (self.guidance is None or self.guidance.get("scope") not in ("group", "tensor")
                                     or self.reference == "ema"):
             raise ValueError(f"strategy {self.name}: guide_head=False needs guidance with scope='group' "
                              "and a captured reference (an EMA reference would guide the head by its own past)")
@@ -205,8 +210,9 @@ for _s in (
              description="cone 60 deg + adaptive norm around the K shots' own mean gradient at the start "
                          "(class-balanced, frozen; no source task)"),
     Strategy("cone-source-body", guidance={**_CONE, "scope": "group"}, reference="source", guide_head=False,
-             description="cone-source with the fresh head left out: the body is one block guided toward the "
-                         "source's body gradient, the head another, unguided"),
+             description="cone-source with the fresh head left out of the cone: the body is one block guided "
+                         "toward the source's body gradient, the head another with no reference (adaptive "
+                         "norm per block)"),
     Strategy("project-kshot", guidance=_PROJECT, reference="kshot",
              description="A-GEM-style projection on the K shots' mean gradient at the start (frozen)"),
     Strategy("adaptive", guidance=_ADAPTIVE,
