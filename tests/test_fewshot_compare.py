@@ -407,3 +407,23 @@ def test_the_python_api_checks_label_words_before_training(monkeypatch, llama_di
     with pytest.raises(InputError, match="label words must differ"):
         compare(task, str(llama_dir), ["adamw"], shots=2, seeds=1, steps=1, lrs=[1e-3], out=tmp_path / "o",
                 label_words=["pos", "pos"], verbose=False)
+
+
+@pytest.mark.parametrize("with_source", [False, True])
+def test_compare_runs_the_swap_and_with_a_source_its_row_by_default(monkeypatch, bert_dir, data_file, tmp_path,
+                                                                     with_source):
+    from sgg_optim.fewshot import compare as compare_module
+
+    seen = []
+
+    def record(strategies, source, task=None):
+        seen.extend(strategies)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(compare_module, "check_strategies", record)
+    argv = ["compare", "--data", str(data_file), "--model", str(bert_dir), "--shots", "2", "--out",
+            str(tmp_path / "o")] + (["--source", str(data_file)] if with_source else [])
+    with pytest.raises(SystemExit, match="stop here"):
+        cli.main(argv)
+    # the one-import swap is what a user weighs; a given source is meant for its row
+    assert seen == ["adamw", "adamw-clip", "cone-ema", "cone-kshot"] + (["cone-source"] if with_source else [])

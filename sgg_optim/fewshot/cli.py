@@ -264,7 +264,7 @@ def compare_cmd(args: argparse.Namespace) -> int:
     try:
         task = load_data(args.data, test_data=args.test_data, test_size=args.test_size, shots=args.shots, **cols)
         source = load_data(args.source, **cols) if args.source else None
-        strategies = [s for s in args.strategies.split(",") if s]
+        strategies = None if args.strategies is None else [s for s in args.strategies.split(",") if s]
         lrs = _lrs(args.lrs)
         words = [w.strip() for w in args.label_words.split(",") if w.strip()] or None
         factory = model_factory(args.model, label_words=words, kind=args.model_kind)
@@ -370,9 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--steps", type=POSITIVE, default=30, help="optimizer steps per run (batch 16)")
     c.add_argument("--lrs", default="5e-5,2e-4", help="comma-separated learning rates; every strategy runs at "
                    "each, the report picks on validation (default 5e-5,2e-4)")
-    c.add_argument("--strategies", default="adamw,adamw-clip,adaptive,cone-kshot",
+    c.add_argument("--strategies", default=None,
                    help=f"comma-separated rows, '+' composes; from {', '.join(STRATEGIES)}. *-kshot rows need "
-                        "no source; *-source rows need --source")
+                        "no source; *-source rows need --source (default: adamw,adamw-clip,cone-ema,cone-kshot, "
+                        "and cone-source with --source)")
     c.add_argument("--source", default="", help="source task of *-source rows: a built-in task or a file with "
                    "the same columns and label count")
     c.add_argument("--baseline", default="adamw", help="the row every paired difference is taken against")
