@@ -36,6 +36,7 @@ from .tasks import Task
 # that needs no source task; magnitude control alone (`adaptive`) is left out: it equalled
 # AdamW in every run of the protocol v2 grid (docs/results.md)
 DEFAULT_STRATEGIES = ("adamw", "adamw-clip", "cone-ema", "cone-kshot")
+DEFAULT_LRS = (5e-5, 2e-4)
 
 
 def default_strategies(source: Optional[Task] = None) -> tuple[str, ...]:
@@ -46,7 +47,6 @@ def default_strategies(source: Optional[Task] = None) -> tuple[str, ...]:
         ('adamw', 'adamw-clip', 'cone-ema', 'cone-kshot')
     """
     return DEFAULT_STRATEGIES + (("cone-source",) if source is not None else ())
-DEFAULT_LRS = (5e-5, 2e-4)
 
 
 class InputError(ValueError):
