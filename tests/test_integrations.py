@@ -266,3 +266,23 @@ def test_accelerate_fewshot_example_runs_tiny(tmp_path):
     assert "eval accuracy" in proc.stdout
     saved = torch.load(tmp_path / "state" / "optimizer.bin", weights_only=True)
     assert saved["guidance"]["accepted"] == 6
+
+
+def test_replace_adamw_example_prints_both_optimizers_and_their_paired_difference():
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+    proc = subprocess.run([sys.executable, str(root / "examples" / "replace_adamw.py"), "--seeds", "2",
+                           "--steps", "20"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {m[0]: (float(m[1]), float(m[2]), float(m[3]))
+            for m in re.findall(r"^\s*(\d+|mean)\s+([\d.]+)\s+([\d.]+)\s+([+-][\d.]+)", proc.stdout, re.M)}
+    assert set(rows) == {"0", "1", "mean"}, proc.stdout
+    for adamw, guided, diff in rows.values():  # the difference is guided minus AdamW, per seed and on the mean
+        assert abs((guided - adamw) - diff) <= 0.15 + 1e-9  # three figures rounded to 0.1
+    assert "last guided step: cos" in proc.stdout
