@@ -334,3 +334,14 @@ def test_forgetting_at_each_lr():
     assert chosen["drop"].mean == pytest.approx(0.022) and high["drop"].mean == pytest.approx(0.152)
     table = results.forgetting_table(rows, resamples=200)
     assert "At each lr:" in table and "| 0.0002 | adamw | src | 5 |" in table
+
+
+def test_the_forgetting_verdict_says_which_way():
+    # a drop smaller than AdamW's is less forgetting: once labelled "hurts" (the sign of a gain)
+    rows = [{"task": "t", "k": 4, "seed": s, "strategy": n, "lr": 0.0 if n == "pretrained" else 1e-4,
+             "val_acc": 0.5, "retention": {"src": a - s / 1000}}
+            for s in range(6) for n, a in (("pretrained", 0.9), ("adamw", 0.7), ("kind", 0.85), ("rough", 0.6))]
+    table = results.forgetting_table(rows, resamples=200)
+    kind = next(x for x in table.splitlines() if x.startswith("| kind |"))
+    rough = next(x for x in table.splitlines() if x.startswith("| rough |"))
+    assert kind.endswith("| forgets less |") and rough.endswith("| forgets more |")

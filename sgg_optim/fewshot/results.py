@@ -604,8 +604,10 @@ def forgetting_table(rows: Iterable[Mapping[str, Any]], baseline: str = "pretrai
             f"drop - {compare_to}'s drop [95% CI]", "verdict"]
 
     def line(r: Mapping[str, Any]) -> list[str]:
-        return [r["strategy"], r["task"], str(r["n"]), _pct(r["before"]), _pct(r["after"])] + _diff(r["drop"])[:1] \
-            + (_diff(r["vs"]) if r["vs"] is not None else ["—", "—"])
+        vs = _diff(r["vs"]) if r["vs"] is not None else ["—", "—"]
+        # a difference of drops above 0 means more forgetting: say which way, not helps/hurts
+        vs[1] = {"helps": "forgets more", "hurts": "forgets less"}.get(vs[1], vs[1])
+        return [r["strategy"], r["task"], str(r["n"]), _pct(r["before"]), _pct(r["after"])] + _diff(r["drop"])[:1] + vs
 
     per_lr = [[f"{lr:g}"] + line(r) for lr in sorted({float(r["lr"]) for r in rows if r["strategy"] != baseline})
               for r in forgetting(rows, baseline, compare_to, at_lr=lr, **bootstrap)]
