@@ -49,9 +49,11 @@ def pack_guidance(state: GuidanceState, config: GuidanceConfig, reference_mode: 
         "layout": layout,
         "accepted": state.accepted,
         "skipped": state.skipped,
+        "ema_since": state.ema_since,
         "norm_ema": None if blocks is None else blocks.norm_ema,
         "norm_count": None if blocks is None else blocks.norm_count,
         "align_ema": None if blocks is None else blocks.align_ema,
+        "align_count": None if blocks is None else blocks.align_count,
         "refs": refs,
     }
 
@@ -112,8 +114,12 @@ def unpack_guidance(saved: Any, config: GuidanceConfig, reference_mode: str, num
     blocks = BlockState.from_saved(saved, num_blocks, num_sources)
     ema, sources = _unpack_references(saved["refs"], params, num_sources, reference_mode,
                                       config.reference_dtype, describe, cut)
+    # (absent from checkpoints written before it existed: the EMA then started at step 0)
+    ema_since = _count(saved, "ema_since") if "ema_since" in saved else 0
+    if ema_since > saved["accepted"]:
+        raise ValueError(f"{_field('ema_since')} is {ema_since}, above {_field('accepted')} ({saved['accepted']})")
     return GuidanceState(num_sources=num_sources, ema=ema, sources=sources, blocks=blocks,
-                         accepted=saved["accepted"], skipped=saved["skipped"])
+                         accepted=saved["accepted"], skipped=saved["skipped"], ema_since=ema_since)
 
 
 def _unpack_references(saved_refs: Any, params: list[Tensor], num_sources: int, reference_mode: str,

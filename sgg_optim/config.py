@@ -71,7 +71,9 @@ class GuidanceConfig:
             ("max_angle", "in (0, 90] degrees", lambda v: 0 < v <= 90),
             ("strength", "in [0, 1]", lambda v: 0 <= v <= 1),
             ("max_norm", "> 0", lambda v: v > 0),
-            ("spike_factor", "> 0", lambda v: v > 0),
+            # the running mean is fed the clipped norms: a bound at or below it would shrink
+            # every step's update toward zero
+            ("spike_factor", "> 1", lambda v: v > 1),
             ("norm_beta", "in [0, 1)", lambda v: 0 <= v < 1),
             ("ema_beta", "in [0, 1)", lambda v: 0 <= v < 1),
             ("align_temperature", "> 0", lambda v: v > 0),

@@ -227,8 +227,9 @@ def guidance_coefficients(
     d, rr = stats[:, 1:1 + k], stats[:, 1 + k:]
     finite = torch.isfinite(gg.sum())
     seen = (gg > 0) & finite
-    norm_ema, norm_count, align_ema = state
+    norm_ema, norm_count, align_ema, align_count = state
     count = norm_count + seen.to(norm_count.dtype)
+    align_seen = align_count + seen.to(align_count.dtype)
 
     if k == 0 or not direction_on:
         coef = torch.zeros_like(d)
@@ -245,7 +246,7 @@ def guidance_coefficients(
         cos = torch.where(src_ok, d / (gg.sqrt().unsqueeze(1) * r_norm), torch.zeros_like(d))
         beta = cfg.ema_beta
         alignment = torch.where(seen.unsqueeze(1), beta * align_ema + (1 - beta) * cos, align_ema)
-        smoothed = alignment / (1 - beta ** count).clamp_min(1e-12).unsqueeze(1)
+        smoothed = alignment / (1 - beta ** align_seen).clamp_min(1e-12).unsqueeze(1)
         weights, _ = alignment_weights(torch.where(src_ok, smoothed, -torch.ones_like(smoothed)),
                                        cfg.align_temperature)
         coef = weights / r_norm  # r = sum_i coef_i r_i
@@ -256,7 +257,11 @@ def guidance_coefficients(
     rule, args = _rule(DIRECTION_RULES, cfg.direction, cfg)
     direction = rule(BlockStats(gg, d_r, rr_r, valid), *args)
     a, b = direction.a, direction.b
-    norm = (a * a * gg + 2 * a * b * d_r + b * b * rr_r).clamp_min(0).sqrt()
+    # |a g + b r|; the reference terms only where b acts (an invalid block's |r|^2 may be inf,
+    # and 0 * inf would make the norm, and the norm EMA after it, NaN)
+    acts = b != 0
+    ref_terms = torch.where(acts, 2 * a * b * d_r + b * b * rr_r, torch.zeros_like(gg))
+    norm = (a * a * gg + ref_terms).clamp_min(0).sqrt()
 
     ready = seen & (norm_count >= max(cfg.warmup_steps, 1))
     ema_hat = norm_ema / (1 - cfg.norm_beta ** norm_count).clamp_min(1e-12)
@@ -281,6 +286,7 @@ def guidance_coefficients(
         norm_ema=torch.where(seen, beta * norm_ema + (1 - beta) * final_norm, norm_ema),
         norm_count=count,
         align_ema=torch.where(seen.unsqueeze(1), alignment, align_ema) if k > 1 else align_ema,
+        align_count=align_seen if k > 1 else align_count,
     )
     coefficients = Coefficients(scale * a, (scale * b).unsqueeze(1) * coef, weights, figures, finite)
     return coefficients, new_state

@@ -407,7 +407,7 @@ class GuidedOptimizer(Optimizer):
         new_ema = {i: zeros_store(local_shard(p), cfg.reference_dtype)
                    for i, p in zip(index, params) if use_ema and i not in st.ema}
         ema = {**st.ema, **new_ema}
-        direction_on = cfg.direction != "off" and (sources or st.accepted >= cfg.warmup_steps)
+        direction_on = cfg.direction != "off" and (sources or st.accepted - st.ema_since >= cfg.warmup_steps)
         if not direction_on:
             refs: list[list[Optional[Store]]] = [[] for _ in params]
             sqnorms = None

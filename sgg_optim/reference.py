@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import numbers
 import os
 import tempfile
 from contextlib import nullcontext
@@ -288,8 +289,15 @@ def _parse_metadata(meta: Mapping[str, str], path: str) -> tuple[str, list[str],
 
 
 def _call_model(model: nn.Module, batch: Any) -> Tensor:
-    out = model(**batch) if isinstance(batch, Mapping) else model(*batch) if isinstance(batch, (tuple, list)) \
-        else model(batch)
+    if isinstance(batch, (tuple, list)):
+        try:
+            out = model(*batch)
+        except TypeError as e:  # most often (inputs, targets): the model cannot take the targets
+            raise TypeError(f"{e} (capture_reference called model(*batch) on a {type(batch).__name__} batch "
+                            "because loss_fn is None; for (inputs, targets) batches pass "
+                            "loss_fn=lambda model, batch: ...)") from e
+    else:
+        out = model(**batch) if isinstance(batch, Mapping) else model(batch)
     loss = getattr(out, "loss", None)
     if loss is None and isinstance(out, Mapping):
         loss = out.get("loss")
@@ -327,8 +335,16 @@ def capture_reference(
     """
     if reference_dtype not in REFERENCE_DTYPES:
         raise ValueError(f"reference_dtype must be one of {REFERENCE_DTYPES}, got {reference_dtype!r}")
-    if num_batches is not None and num_batches < 1:
-        raise ValueError(f"num_batches must be >= 1, got {num_batches}")
+    if num_batches is not None:
+        if isinstance(num_batches, bool) or not isinstance(num_batches, numbers.Integral):
+            raise TypeError(f"num_batches must be an int, got {type(num_batches).__name__} {num_batches!r}")
+        if num_batches < 1:
+            raise ValueError(f"num_batches must be >= 1, got {num_batches}")
+        num_batches = int(num_batches)
+    if isinstance(batches, (Mapping, Tensor, str, bytes)) or not isinstance(batches, Iterable):
+        # one batch where an iterable of them was meant (a Tensor would be taken row by row)
+        raise TypeError(f"batches must be an iterable of batches (a list, a DataLoader, a generator), got "
+                        f"a single {type(batches).__name__}: wrap one batch in a list, [batch]")
     named = [(n, p) for n, p in _unwrap(model).named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("model has no parameter that requires grad")
@@ -343,6 +359,12 @@ def capture_reference(
         for batch in itertools.islice(batches, num_batches):
             with torch.enable_grad(), (autocast() if autocast is not None else nullcontext()):
                 loss = loss_fn(model, batch) if loss_fn is not None else _call_model(model, batch)
+            if not isinstance(loss, Tensor) or loss.numel() != 1:
+                what = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else \
+                    f"a {type(loss).__name__}"
+                raise ValueError(f"the loss of batch #{count} is {what}, not a one-element tensor: "
+                                 f"{'loss_fn' if loss_fn is not None else 'the model'} must return the batch's "
+                                 "loss reduced to a scalar (e.g. .mean())")
             loss.backward()
             count += 1
         if count == 0:

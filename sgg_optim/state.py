@@ -30,12 +30,13 @@ class BlockState(NamedTuple):
 
     ``norm_ema`` ``[B]``: EMA of accepted post-guidance norms (not bias-corrected);
     ``norm_count`` ``[B]``: how many steps fed it; ``align_ema`` ``[B, max(k, 1)]``:
-    EMA of each source's cosine with the gradient.
+    EMA of each source's cosine with the gradient; ``align_count`` ``[B]``: how many
+    steps fed that one (it restarts with the references, the norm's does not).
 
     Example:
         >>> s = BlockState.zeros(2, 3, torch.device("cpu"))
         >>> [tuple(t.shape) for t in s], s.norm_ema.dtype
-        ([(2,), (2,), (2, 3)], torch.float64)
+        ([(2,), (2,), (2, 3), (2,)], torch.float64)
         >>> s.resized(3, 3, torch.device("cpu")).norm_ema.shape
         torch.Size([3])
     """
@@ -43,13 +44,15 @@ class BlockState(NamedTuple):
     norm_ema: Tensor
     norm_count: Tensor
     align_ema: Tensor
+    align_count: Tensor
 
     @staticmethod
     def zeros(num_blocks: int, num_sources: int, device: torch.device) -> "BlockState":
         dtype = stats_dtype(device)
         return BlockState(torch.zeros(num_blocks, device=device, dtype=dtype),
                           torch.zeros(num_blocks, device=device, dtype=dtype),
-                          torch.zeros(num_blocks, max(num_sources, 1), device=device, dtype=dtype))
+                          torch.zeros(num_blocks, max(num_sources, 1), device=device, dtype=dtype),
+                          torch.zeros(num_blocks, device=device, dtype=dtype))
 
     def fits(self, num_blocks: int, num_sources: int, device: torch.device) -> bool:
         """True if this state has ``num_blocks`` blocks and room for ``num_sources`` on ``device``."""
@@ -66,25 +69,34 @@ class BlockState(NamedTuple):
         new.norm_count[:n] = self.norm_count[:n].to(device, new.norm_count.dtype)
         if self.align_ema.shape[1] == new.align_ema.shape[1]:
             new.align_ema[:n] = self.align_ema[:n].to(device, new.align_ema.dtype)
+            new.align_count[:n] = self.align_count[:n].to(device, new.align_count.dtype)
         return new
+
+    def restart_alignment(self, num_sources: int) -> "BlockState":
+        """The alignment statistics started afresh for ``num_sources`` new references."""
+        zeros = torch.zeros_like(self.norm_ema)
+        return self._replace(align_ema=zeros.unsqueeze(1).repeat(1, max(num_sources, 1)), align_count=zeros)
 
     @staticmethod
     def from_saved(saved: Mapping[str, Any], num_blocks: int, num_sources: int) -> Optional["BlockState"]:
         """The block state of a saved guidance entry, every field checked first.
 
-        All three fields absent-as-None means no step had run (None is returned); a
-        tensor of the wrong kind, shape or dtype raises ``ValueError`` naming it.
+        All fields absent-as-None means no step had run (None is returned); a tensor of
+        the wrong kind, shape or dtype raises ``ValueError`` naming it. A checkpoint from
+        before ``align_count`` existed counted the alignment with ``norm_count``.
         """
         names = BlockState._fields
         values = [saved.get(n) for n in names]
+        if "align_count" not in saved and values[1] is not None:
+            values[3] = values[1]
         if all(v is None for v in values):
             return None
         unset = [n for n, v in zip(names, values) if v is None]
         if unset:
             raise ValueError(f"state_dict['guidance'] has {', '.join(unset)} unset but "
-                             f"{', '.join(n for n in names if n not in unset)} set: all three or none")
+                             f"{', '.join(n for n in names if n not in unset)} set: all or none")
         shapes = {"norm_ema": (num_blocks,), "norm_count": (num_blocks,),
-                  "align_ema": (num_blocks, max(num_sources, 1))}
+                  "align_ema": (num_blocks, max(num_sources, 1)), "align_count": (num_blocks,)}
         for name, value in zip(names, values):
             where = f"state_dict['guidance'][{name!r}]"
             if not isinstance(value, Tensor):
@@ -120,17 +132,16 @@ class GuidanceState:
     blocks: Optional[BlockState] = None
     accepted: int = 0
     skipped: int = 0
+    ema_since: int = 0  # ``accepted`` when the EMA reference (re)started: its warm-up counts from here
 
     def with_sources(self, sources: dict[int, list[Optional[Store]]], num_sources: int) -> "GuidanceState":
         """The state after ``set_reference``: new references, alignment restarted; the
         magnitude statistics and counters carry on (they do not depend on the reference)."""
-        blocks = self.blocks
-        if blocks is not None:
-            blocks = blocks._replace(align_ema=torch.zeros(blocks.norm_ema.shape[0], max(num_sources, 1),
-                                                           device=blocks.norm_ema.device,
-                                                           dtype=blocks.norm_ema.dtype))
+        blocks = self.blocks.restart_alignment(num_sources) if self.blocks is not None else None
+        # back to an EMA after captured references: a new EMA, which warms up like a fresh one
+        ema_since = self.accepted if self.num_sources and not num_sources else self.ema_since
         return GuidanceState(num_sources=num_sources, ema=self.ema if not num_sources else {}, sources=sources,
-                             blocks=blocks, accepted=self.accepted, skipped=self.skipped)
+                             blocks=blocks, accepted=self.accepted, skipped=self.skipped, ema_since=ema_since)
 
     def grow(self, num_blocks: int) -> None:
         """Make room for blocks added by ``add_param_group``: they start with fresh

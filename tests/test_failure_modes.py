@@ -663,3 +663,86 @@ def test_a_wrapper_with_a_local_hook_pickles_as_torchs_optimizers_do():
     back = pickle.loads(pickle.dumps(opt))
     pickle.loads(pickle.dumps(plain))
     assert len(back._optimizer_step_pre_hooks) == len(plain.__getstate__().get("_optimizer_step_pre_hooks", {})) == 0
+
+
+def test_huge_gradients_with_an_ema_reference_keep_the_state_finite():
+    # |r|^2 of such an EMA overflows fp32: its block is invalid (b = 0), and 0 * inf once made
+    # the guided norm, then the norm EMA, NaN for good (and the state_dict would not reload)
+    w = torch.nn.Parameter(torch.zeros(4))
+    opt = GuidedOptimizer(torch.optim.SGD([w], lr=0.0), warmup_steps=1)
+    for t in range(4):
+        w.grad = torch.full((4,), 2.0 ** 66) * (1 if t % 2 == 0 else -1)
+        opt.step()
+        assert math.isfinite(opt.stats["guided_norm"]) and torch.isfinite(w.grad).all()
+    assert torch.isfinite(opt._guidance.blocks.norm_ema).all()
+    GuidedOptimizer(torch.optim.SGD([torch.nn.Parameter(torch.zeros(4))], lr=0.0),
+                    warmup_steps=1).load_state_dict(opt.state_dict())
+
+
+@pytest.mark.parametrize("call, error, message", [
+    # (inputs, targets) tuples without loss_fn: the model cannot take the targets
+    (lambda m, x: capture_reference(m, [(x, x)]), TypeError, r"model\(\*batch\).*pass loss_fn"),
+    # one batch where a list of them was meant (a tensor would be read row by row)
+    (lambda m, x: capture_reference(m, x, loss_fn=lambda mm, b: mm(b).sum()), TypeError,
+     r"got a single Tensor: wrap one batch in a list"),
+    (lambda m, x: capture_reference(m, {"x": x}), TypeError, r"got a single dict"),
+    (lambda m, x: capture_reference(m, [x], loss_fn=lambda mm, b: mm(b).sum(), num_batches=2.0), TypeError,
+     r"num_batches must be an int, got float"),
+    (lambda m, x: capture_reference(m, [x], loss_fn=lambda mm, b: mm(b).pow(2)), ValueError,
+     r"loss of batch #0 is a tensor of shape \(4, 3\), not a one-element tensor.*reduced to a scalar"),
+])
+def test_capture_names_what_is_wrong_with_its_input_and_changes_nothing(call, error, message):
+    m = tiny_mlp()
+    before = _params(m)
+    with pytest.raises(error, match=message):
+        call(m, torch.randn(4, 6))
+    assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
+    assert all(p.grad is None for p in m.parameters())
+
+
+def test_an_ema_reference_set_again_after_captured_ones_warms_up_like_a_fresh_one():
+    def make():
+        w = torch.nn.Parameter(torch.zeros(2))
+        return GuidedOptimizer(torch.optim.SGD([("w", w)], lr=0.0), max_angle=30, warmup_steps=2, magnitude="off")
+
+    def steps(opt, grads):
+        w, out = opt.param_groups[0]["params"][0], []
+        for g in grads:
+            w.grad = torch.tensor(g)
+            opt.step()
+            out.append(w.grad.tolist())
+        return out
+
+    opt = make()
+    steps(opt, [[1.0, 0.0]] * 3)
+    opt.set_reference(Reference({"w": torch.tensor([0.0, 1.0])}))
+    opt.set_reference("ema")  # was guided from its next step on, counted from the old EMA's start
+    resumed = make()
+    resumed.load_state_dict(opt.state_dict())  # the restart travels with the checkpoint
+    grads = [[1.0, 0.0], [0.0, 1.0]]  # 90 degrees apart: the cone would rotate the second
+    assert steps(opt, grads) == steps(resumed, grads) == steps(make(), grads) == grads
+
+
+def test_alignment_after_a_mid_run_switch_to_several_sources_is_that_of_a_fresh_optimizer():
+    # the restarted alignment EMA was bias-corrected with the norm's step count: after 30
+    # steps it read about (1 - ema_beta) x the cosines, and the weights flattened
+    m = tiny_mlp()
+    refs = [_ref(m, seed=1), _ref(m, seed=2)]
+    late = GuidedAdamW(m.parameters(), lr=0.0)
+    for step in range(30):
+        late.zero_grad()
+        backward(m, step)
+        late.step()
+    late.set_reference(refs)
+    fresh = GuidedAdamW(m.parameters(), lr=0.0, reference=refs)
+    figures = []
+    for opt in (late, fresh):
+        opt.zero_grad()
+        backward(m, 99)
+        opt.step()
+        figures.append((opt.stats["alignment"], opt.stats["weights"]))
+    assert figures[0] == pytest.approx(figures[1], rel=1e-6)
+    sd = late.state_dict()
+    del sd["guidance"]["align_count"]  # a checkpoint from before the field: read as before
+    other = tiny_mlp()
+    GuidedAdamW(other.parameters(), lr=0.0, reference=[_ref(other, seed=1), _ref(other, seed=2)]).load_state_dict(sd)

@@ -244,6 +244,8 @@ def test_complex_parameter_is_rejected():
     ({"max_angle": 0}, "max_angle"), ({"max_angle": 91}, "max_angle"), ({"max_norm": -1.0}, "max_norm"),
     ({"direction": "sideways"}, "direction"), ({"scope": "layer"}, "scope"), ({"strength": 2}, "strength"),
     ({"nonfinite": "ignore"}, "nonfinite"), ({"warmup_steps": -1}, "warmup_steps"),
+    # at or below 1 the clipped norms feed the mean and the bound shrinks every step
+    ({"spike_factor": 0.5}, r"spike_factor must be > 1"), ({"spike_factor": 1.0}, r"spike_factor must be > 1"),
 ])
 def test_bad_hyperparameters_name_the_parameter(kw, match):
     with pytest.raises(ValueError, match=match):

@@ -200,7 +200,7 @@ class GuidanceCheckpoint:
         >>> from sgg_optim import GuidedAdamW
         >>> ckpt = GuidanceCheckpoint(GuidedAdamW(torch.nn.Linear(2, 1).parameters()))
         >>> sorted(ckpt.state_dict())[:3]
-        ['accepted', 'align_ema', 'config']
+        ['accepted', 'align_count', 'align_ema']
     """
 
     def __init__(self, optimizer: Optimizer) -> None:
