@@ -345,3 +345,20 @@ def test_the_forgetting_verdict_says_which_way():
     kind = next(x for x in table.splitlines() if x.startswith("| kind |"))
     rough = next(x for x in table.splitlines() if x.startswith("| rough |"))
     assert kind.endswith("| forgets less |") and rough.endswith("| forgets more |")
+
+
+def test_bench_report_compares_drops_against_the_baseline_it_is_given(tmp_path, toy_task, capsys):
+    # SmolLM2's tuned baseline is `lora`: the drops were compared with an `adamw` it never ran
+    path = tmp_path / "r.jsonl"
+    store = ResultsFile(path)
+    for s in range(5):
+        for name, lr, after in (("pretrained", 0.0, 0.9), ("lora", 1e-3, 0.8), ("promot+lora", 1e-3, 0.85)):
+            store.append({"task": "toy", "k": 2, "steps": 30, "model": "minilm", "seed": s, "strategy": name,
+                          "lr": lr, "accuracy": 0.7, "val_acc": 0.7, "eval_majority": None,
+                          "retention": {"other": after - s / 1000}})
+    assert cli.main(["bench", "--tasks", "toy", "--strategies", "pretrained,lora,promot+lora", "--shots", "2",
+                     "--seeds", "5", "--lrs", "1e-3", "--results", str(path), "--baseline", "lora", "--report"]) == 0
+    out = capsys.readouterr().out
+    assert "drop - lora's drop" in out
+    line = next(x for x in out.splitlines() if x.startswith("| promot+lora | other |"))
+    assert "-5.0 [" in line and line.endswith("| forgets less |")

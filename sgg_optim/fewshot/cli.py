@@ -173,7 +173,7 @@ def bench(args: argparse.Namespace) -> int:
                 else "accuracy through a head fitted on the untuned encoder and frozen")
         _say(f"\nRetention ({what}), at each row's validation-chosen lr, and its drop against the untuned "
              "model (`pretrained` rows):\n")
-        _say(forgetting_table(rows) or retention_table(rows))
+        _say(forgetting_table(rows, compare_to=args.baseline) or retention_table(rows))
     if args.plot:
         from .plots import comparison_plot
 
