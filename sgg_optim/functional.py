@@ -258,10 +258,10 @@ def guidance_coefficients(
     direction = rule(BlockStats(gg, d_r, rr_r, valid), *args)
     a, b = direction.a, direction.b
     # |a g + b r|; the reference terms only where b acts (an invalid block's |r|^2 may be inf,
-    # and 0 * inf would make the norm, and the norm EMA after it, NaN)
-    acts = b != 0
-    ref_terms = torch.where(acts, 2 * a * b * d_r + b * b * rr_r, torch.zeros_like(gg))
-    norm = (a * a * gg + ref_terms).clamp_min(0).sqrt()
+    # and 0 * inf would make the norm, and the norm EMA after it, NaN); summed in this order
+    acts, zero = b != 0, torch.zeros_like(gg)
+    norm = (a * a * gg + torch.where(acts, 2 * a * b * d_r, zero) + torch.where(acts, b * b * rr_r, zero)
+            ).clamp_min(0).sqrt()
 
     ready = seen & (norm_count >= max(cfg.warmup_steps, 1))
     ema_hat = norm_ema / (1 - cfg.norm_beta ** norm_count).clamp_min(1e-12)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import numbers
+import operator
 import os
 import tempfile
 from contextlib import nullcontext
@@ -336,15 +336,23 @@ def capture_reference(
     if reference_dtype not in REFERENCE_DTYPES:
         raise ValueError(f"reference_dtype must be one of {REFERENCE_DTYPES}, got {reference_dtype!r}")
     if num_batches is not None:
-        if isinstance(num_batches, bool) or not isinstance(num_batches, numbers.Integral):
-            raise TypeError(f"num_batches must be an int, got {type(num_batches).__name__} {num_batches!r}")
+        try:  # ints, numpy and tensor integers; not floats or bools
+            if isinstance(num_batches, bool):
+                raise TypeError
+            num_batches = operator.index(num_batches)
+        except TypeError:
+            raise TypeError(f"num_batches must be an int, got {type(num_batches).__name__} {num_batches!r}") from None
         if num_batches < 1:
             raise ValueError(f"num_batches must be >= 1, got {num_batches}")
-        num_batches = int(num_batches)
-    if isinstance(batches, (Mapping, Tensor, str, bytes)) or not isinstance(batches, Iterable):
+    if isinstance(batches, (Mapping, Tensor, str, bytes)):
         # one batch where an iterable of them was meant (a Tensor would be taken row by row)
         raise TypeError(f"batches must be an iterable of batches (a list, a DataLoader, a generator), got "
                         f"a single {type(batches).__name__}: wrap one batch in a list, [batch]")
+    try:
+        iter(batches)  # (a map-style dataset iterates through __getitem__)
+    except TypeError:
+        raise TypeError(f"batches must be an iterable of batches (a list, a DataLoader, a generator), got "
+                        f"{type(batches).__name__}") from None
     named = [(n, p) for n, p in _unwrap(model).named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("model has no parameter that requires grad")

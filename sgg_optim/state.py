@@ -87,8 +87,8 @@ class BlockState(NamedTuple):
         """
         names = BlockState._fields
         values = [saved.get(n) for n in names]
-        if "align_count" not in saved and values[1] is not None:
-            values[3] = values[1]
+        if "align_count" not in saved and isinstance(values[1], Tensor):
+            values[3] = values[1].clone()
         if all(v is None for v in values):
             return None
         unset = [n for n, v in zip(names, values) if v is None]

@@ -746,3 +746,27 @@ def test_alignment_after_a_mid_run_switch_to_several_sources_is_that_of_a_fresh_
     del sd["guidance"]["align_count"]  # a checkpoint from before the field: read as before
     other = tiny_mlp()
     GuidedAdamW(other.parameters(), lr=0.0, reference=[_ref(other, seed=1), _ref(other, seed=2)]).load_state_dict(sd)
+
+
+def test_capture_takes_map_style_batches_and_integer_like_counts():
+    import numpy as np
+
+    class Batches:  # iterable through __getitem__ only, as a map-style dataset
+        def __init__(self, xs):
+            self.xs = xs
+
+        def __getitem__(self, i):
+            return self.xs[i]
+
+        def __len__(self):
+            return len(self.xs)
+
+    m = tiny_mlp()
+    xs = [torch.randn(4, 6) for _ in range(3)]
+    loss = lambda mm, x: mm(x).sum()  # noqa: E731
+    want = capture_reference(m, xs[:2], loss_fn=loss)
+    for n in (np.int64(2), torch.tensor(2)):
+        got = capture_reference(m, Batches(xs), loss_fn=loss, num_batches=n)
+        assert all(torch.equal(got[k], want[k]) for k in want.names)
+    with pytest.raises(TypeError, match="num_batches must be an int, got bool"):
+        capture_reference(m, xs, loss_fn=loss, num_batches=True)
