@@ -142,6 +142,9 @@ def _corrupt(field, value):
     (_corrupt("norm_count", None), "norm_count"),
     (_corrupt("norm_count", torch.zeros(1, dtype=torch.int64)), "norm_count"),
     (_corrupt("align_ema", torch.zeros(1, 3)), "align_ema"),
+    (_corrupt("align_count", torch.zeros(3)), "align_count"),
+    (_corrupt("ema_since", -1), "ema_since"),
+    (_corrupt("ema_since", 10 ** 6), "ema_since"),  # after more steps than were accepted
     (_corrupt("accepted", -1), "accepted"),
     (_corrupt("skipped", "3"), "skipped"),
     (lambda g: g.pop("norm_ema"), "norm_ema"),

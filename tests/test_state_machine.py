@@ -208,7 +208,8 @@ class Training(RuleBasedStateMachine):
         sched.load_state_dict(saved["sched"])
         self.twin = (opt, sched)
 
-    @rule(field=st.sampled_from(["norm_ema", "norm_count", "align_ema", "layout", "accepted", "refs"]))
+    @rule(field=st.sampled_from(["norm_ema", "norm_count", "align_ema", "align_count", "layout", "accepted",
+                                 "ema_since", "refs"]))
     def load_a_corrupted_checkpoint(self, field):
         opt = self.twin[0]
         sd = self.live[0].state_dict()
