@@ -344,15 +344,15 @@ def capture_reference(
             raise TypeError(f"num_batches must be an int, got {type(num_batches).__name__} {num_batches!r}") from None
         if num_batches < 1:
             raise ValueError(f"num_batches must be >= 1, got {num_batches}")
-    if isinstance(batches, (Mapping, Tensor, str, bytes)):
-        # one batch where an iterable of them was meant (a Tensor would be taken row by row)
-        raise TypeError(f"batches must be an iterable of batches (a list, a DataLoader, a generator), got "
-                        f"a single {type(batches).__name__}: wrap one batch in a list, [batch]")
+    # one batch where an iterable of them was meant (a Tensor would be read row by row); iter()
+    # also takes a map-style dataset, which iterates through __getitem__
     try:
-        iter(batches)  # (a map-style dataset iterates through __getitem__)
+        if isinstance(batches, (Mapping, Tensor, str, bytes)):
+            raise TypeError
+        iter(batches)
     except TypeError:
         raise TypeError(f"batches must be an iterable of batches (a list, a DataLoader, a generator), got "
-                        f"{type(batches).__name__}") from None
+                        f"a single {type(batches).__name__}: wrap one batch in a list, [batch]") from None
     named = [(n, p) for n, p in _unwrap(model).named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("model has no parameter that requires grad")

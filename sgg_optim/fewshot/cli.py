@@ -340,6 +340,7 @@ def capture_cmd(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .compare import DEFAULT_STRATEGIES
     from .strategies import STRATEGIES
     from .tasks import TASKS
 
@@ -372,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "each, the report picks on validation (default 5e-5,2e-4)")
     c.add_argument("--strategies", default=None,
                    help=f"comma-separated rows, '+' composes; from {', '.join(STRATEGIES)}. *-kshot rows need "
-                        "no source; *-source rows need --source (default: adamw,adamw-clip,cone-ema,cone-kshot, "
+                        f"no source; *-source rows need --source (default: {','.join(DEFAULT_STRATEGIES)}, "
                         "and cone-source with --source)")
     c.add_argument("--source", default="", help="source task of *-source rows: a built-in task or a file with "
                    "the same columns and label count")

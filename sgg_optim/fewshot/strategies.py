@@ -96,7 +96,8 @@ class Strategy:
         if not self.guide_head and (self.guidance is None or self.guidance.get("scope") not in ("group", "tensor")
                                     or self.reference == "ema"):
             raise ValueError(f"strategy {self.name}: guide_head=False needs guidance with scope='group' "
-                             "(or 'tensor') and a captured reference (an EMA reference would guide the head by its own past)")
+                             "(or 'tensor') and a captured reference (an EMA reference would guide the head "
+                             "by its own past)")
 
     def build_optimizer(self, model: nn.Module, lr: float,
                         reference: Optional[Reference | Sequence[Reference]] = None) -> torch.optim.Optimizer:
