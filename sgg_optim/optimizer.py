@@ -222,9 +222,7 @@ class GuidedOptimizer(Optimizer):
                 raise ValueError(f"parameter {description} appears twice in {where}: guidance would count and "
                                  "rewrite its gradient twice; list each parameter once")
             seen.add(p)
-            if p.is_complex():
-                raise ValueError(f"parameter {description} is complex; guidance supports real parameters only "
-                                 "(view it as real with torch.view_as_real, or leave it out)")
+            _refuse_complex(p, description)
 
     def _guided(self) -> list[tuple[int, int, Tensor]]:
         """(flat index, block, param) of parameters that have a gradient this step; a
@@ -246,8 +244,11 @@ class GuidedOptimizer(Optimizer):
                                  "set_reference(...) again with references that cover it, or "
                                  "set_reference('ema')")
             if p.grad.is_sparse or p.grad.layout != torch.strided:
-                raise ValueError(f"parameter {self._describe(i)} has a sparse gradient; "
-                                 "guidance needs dense gradients")
+                raise ValueError(f"parameter {self._describe(i)} has a sparse gradient; guidance needs dense "
+                                 "gradients (only the pass-through, direction='off', magnitude='off', "
+                                 "nonfinite='propagate', steps sparse ones: it never reads a gradient)")
+            # made complex after construction (model.to(torch.complex64) keeps the Parameter objects)
+            _refuse_complex(p, self._describe(i))
             if p.grad.device.type == "meta":
                 raise ValueError(f"parameter {self._describe(i)} is on the meta device (no data): materialise "
                                  "the model (e.g. model.to_empty(device=...) and initialise it) before stepping")
@@ -351,7 +352,15 @@ class GuidedOptimizer(Optimizer):
             summed = gram.to(device)
             torch.distributed.all_reduce(summed, group=group)
             gram = summed.cpu()
-        bad = ~torch.isfinite(gram.diagonal(dim1=1, dim2=2))  # [B, k]: a non-finite source
+        sq = gram.diagonal(dim1=1, dim2=2)  # [B, k]: each source's |r_i|^2 per block
+        bad = ~torch.isfinite(sq)  # a non-finite source, or |r_i|^2 beyond fp32's range
+        tiny = (sq > 0) & (sq < torch.finfo(torch.float32).tiny)
+        if bool((bad | tiny).any()):
+            warnings.warn(
+                f"reference #{', #'.join(str(j) for j in sorted({int(j) for j in (bad | tiny).nonzero()[:, 1]}))} has "
+                f"{int((bad | tiny).sum())} block(s) where |r|^2 is not finite (a non-finite value, or |r| above "
+                "~1.8e19) or below fp32's normal range (|r| under ~1.1e-19): guidance is off there. Rescale it "
+                "if its values are finite: the rules do not depend on the reference's scale", stacklevel=3)
         for i, stores in st.sources.items():
             for j in range(k):
                 if bad[block_of[i], j]:
@@ -386,11 +395,12 @@ class GuidedOptimizer(Optimizer):
         after = self._guide(guided)
         if after is not None:
             self._base_step(after)
+            self._commit(after)
         return loss
 
     def _guide(self, guided: list[tuple[int, int, Tensor]]) -> Optional["_AfterGuide"]:
         """Rewrite the gradients in place; None if the step must be skipped, else what is
-        left for the base step (:meth:`_base_step`)."""
+        left for the base step (:meth:`_base_step`) and the guidance state to commit after it."""
         cfg, st = self.config, self._guidance
         index = [i for i, _, _ in guided]
         params = [p for _, _, p in guided]
@@ -430,16 +440,18 @@ class GuidedOptimizer(Optimizer):
             b_blocks: Any = coef.b.float()
             a = list(a_blocks[block_ids].unbind())
             b = [list(row.unbind()) for row in b_blocks[block_ids]]
-            self._step.figures = coef.figures
+            figures: Any = coef.figures
         else:
-            # The step's one host read: finiteness, coefficients and figures together.
-            host = self._host_read(stats, coef)
+            # The step's one host read: finiteness, coefficients and figures together (and, for
+            # gradients of a narrower range than fp32's, the block norms that bound the rewrite).
+            narrow = any(_dtype_max(g.dtype) is not None for g in grads)
+            host = self._host_read(stats, coef, narrow)
             if not math.isfinite(host[0]):
                 bad = self._first_nonfinite(guided, group)  # rare path: host reads are fine here
                 if bad is None:
                     # Finite gradients whose fp32 squares overflow (|g| >~ 1e19): recompute exactly.
                     stats, coef, new_blocks = coefficients(block_stats_rescaled)
-                    host = self._host_read(stats, coef)
+                    host = self._host_read(stats, coef, narrow)
                 else:
                     self._step.figures = None
                     if cfg.nonfinite == "raise":
@@ -454,9 +466,22 @@ class GuidedOptimizer(Optimizer):
                 raise FloatingPointError(f"guidance coefficients are not finite although the gradients are, at step "
                                          f"{st.accepted + st.skipped + 1}: nothing was changed; check the guidance "
                                          f"settings ({self.config})")
-            self._step.figures = host[1 + num_blocks * (1 + k):]
+            end = 1 + num_blocks * (1 + k) + len(coef.figures)
+            figures = host[1 + num_blocks * (1 + k):end]
             a = [a_host[blk] for _, blk, _ in guided]
             b = [b_host[blk * k:(blk + 1) * k] for _, blk, _ in guided]
+            if narrow:
+                over = self._first_overflow(guided, grads, refs, a, b, host[end:], group)
+                if over is not None:
+                    self._step.figures = None
+                    if cfg.nonfinite == "raise":
+                        where = "another rank's shard" if over < 0 else f"parameter {self._describe(over)}"
+                        raise FloatingPointError(
+                            f"the guided gradient would overflow its dtype in {where} at step "
+                            f"{st.accepted + st.skipped + 1} (nonfinite='raise'): nothing was changed; "
+                            "keep float32 gradients (fp32 master weights, or bfloat16)")
+                    st.skipped += 1
+                    return None
 
         ema_refs = [ema[i] for i in index] if use_ema else None
         weight = 1.0 - cfg.ema_beta
@@ -469,10 +494,19 @@ class GuidedOptimizer(Optimizer):
                 apply_guidance_(grads, refs, a, b, ema_refs, weight)
             after = _AfterGuide(scale, (grads, ema_refs, weight) if scale is not None and ema_refs is not None
                                 else None)
-        st.ema.update(new_ema)
-        st.blocks = new_blocks
+        return after._replace(new_ema=new_ema, blocks=new_blocks, figures=figures)
+
+    def _commit(self, after: "_AfterGuide") -> None:
+        """The guidance state of a step, once the base step has returned: a base step that
+        raises (out of memory at its first step, a misconfigured base) leaves the counters,
+        the norm statistics, the figures and any new EMA reference as they were. (The
+        gradients stay guided in place, as ``GradScaler.unscale_`` leaves them unscaled, and
+        a reference that existed has moved toward them: compute new gradients to go on.)"""
+        st = self._guidance
+        st.ema.update(after.new_ema or {})
+        st.blocks = after.blocks
         st.accepted += 1
-        return after
+        self._step.figures = after.figures
 
     def _base_step(self, after: "_AfterGuide") -> None:
         """The base optimizer's step: the fused guided AdamW update in its place when
@@ -550,8 +584,51 @@ class GuidedOptimizer(Optimizer):
         return torch.full((), 1.0 / a0, device=grads[0].device)
 
     @staticmethod
-    def _host_read(stats: Tensor, coef: Coefficients) -> list[float]:
-        return torch.cat([stats[:, 0].sum().reshape(1), coef.a, coef.b.flatten(), coef.figures]).tolist()
+    def _host_read(stats: Tensor, coef: Coefficients, norms: bool = False) -> list[float]:
+        """[sum |g|^2, a, b, figures] and, with ``norms``, each block's ``|g|^2`` and
+        ``|r_i|^2`` (``stats`` without the dot products), in one device-to-host read."""
+        parts = [stats[:, 0].sum().reshape(1), coef.a, coef.b.flatten(), coef.figures]
+        if norms:
+            k = (stats.shape[1] - 1) // 2
+            parts += [stats[:, 0], stats[:, 1 + k:].flatten()]
+        return torch.cat(parts).tolist()
+
+    def _first_overflow(self, guided: list[tuple[int, int, Tensor]], grads: list[Tensor],
+                        refs: list[list[Optional[Store]]], a: list[float], b: list[list[float]],
+                        norms: list[float], group: Any) -> Optional[int]:
+        """Flat index of the first parameter whose guided gradient ``a g + sum_i b_i r_i``
+        would overflow its own dtype (float16: the cone can move a block's mass onto fewer
+        elements), -1 if only another rank's shard would, else None.
+
+        Every element of the rewrite, and every partial sum on the way, is at most the
+        block bound ``|a| |g| + sum_i |b_i| |r_i|`` (``norms``: each block's ``|g|^2``, then
+        its ``|r_i|^2``); only a tensor whose bound exceeds its dtype's range is rewritten
+        in fp32 to check, a rare path.
+        """
+        k = len(b[0]) if b else 0
+        num_blocks = len(norms) // (1 + k)
+        gg, rr = norms[:num_blocks], norms[num_blocks:]
+        bad = None
+        for (i, blk, _), g, rs, at, bt in zip(guided, grads, refs, a, b):
+            fmax = _dtype_max(g.dtype)
+            if fmax is None or g.numel() == 0:
+                continue
+            bound = abs(at) * math.sqrt(gg[blk]) + sum(abs(bi) * math.sqrt(rr[blk * k + j])
+                                                       for j, bi in enumerate(bt) if bi != 0.0)
+            if bound < fmax:
+                continue
+            out = g.float() * at
+            for r, bi in zip(rs, bt):
+                if r is not None and bi != 0.0:
+                    r.add_to_(out, bi)
+            if not bool(out.abs().max() <= fmax):
+                bad = i
+                break
+        if group is None:
+            return bad
+        flag = torch.tensor([0.0 if bad is None else 1.0], device=grads[0].device)
+        torch.distributed.all_reduce(flag, group=group)
+        return bad if bad is not None else (-1 if flag.item() > 0 else None)
 
     def _first_nonfinite(self, guided: list[tuple[int, int, Tensor]], group: Any) -> Optional[int]:
         """Flat index of the first parameter with a non-finite gradient, -1 if only another
@@ -719,6 +796,10 @@ class _AfterGuide(NamedTuple):
     grad_scale: Optional[Tensor] = None
     ema: Optional[tuple[list[Tensor], list[Store], float]] = None
     fused: Optional[Callable[[], None]] = None  # the fused guided AdamW step, in place of base.step()
+    # committed by GuidedOptimizer._commit once the base step has returned
+    new_ema: Optional[dict[int, Store]] = None
+    blocks: Optional[BlockState] = None
+    figures: Any = None
 
 
 @dataclass
@@ -733,6 +814,20 @@ class _StepCache:
     figures: Union[Tensor, list[float], None] = None
     block_ids: Optional[tuple[Any, Tensor]] = None
     param_ids: tuple[int, ...] = ()
+
+
+def _dtype_max(dtype: torch.dtype) -> Optional[float]:
+    """The largest value of a floating dtype narrower in range than fp32 (float16), else None."""
+    if not dtype.is_floating_point:
+        return None
+    fmax = torch.finfo(dtype).max
+    return fmax if fmax < torch.finfo(torch.float32).max else None
+
+
+def _refuse_complex(p: Tensor, description: str) -> None:
+    if p.is_complex() or (p.grad is not None and p.grad.is_complex()):
+        raise ValueError(f"parameter {description} is complex; guidance supports real parameters only "
+                         "(view it as real with torch.view_as_real, or leave it out)")
 
 
 def _needs_closure(optimizer: Optimizer) -> bool:

@@ -47,9 +47,21 @@ class Direction(NamedTuple):
     active: Tensor
 
 
+# Below the smallest normal fp32 number, a squared norm read from fp32 reductions has lost
+# its precision (denormals: |g| or |r| under ~1.1e-19 per block), so a direction built on
+# it would be wrong, not just small: such a block counts as zero.
+_TINY = torch.finfo(torch.float32).tiny
+
+
 def block_validity(gg: Tensor, rr: Tensor) -> Tensor:
-    """True where both norms are finite and positive (direction guidance is defined)."""
-    return torch.isfinite(gg) & torch.isfinite(rr) & (gg > 0) & (rr > 0)
+    """True where both squared norms are finite and at least fp32's smallest normal number
+    (direction guidance is defined).
+
+    Example:
+        >>> block_validity(torch.tensor([4.0, 1e-40, 4.0]), torch.tensor([1.0, 1.0, float("inf")])).tolist()
+        [True, False, False]
+    """
+    return torch.isfinite(gg) & torch.isfinite(rr) & (gg >= _TINY) & (rr >= _TINY)
 
 
 def _safe(x: Tensor, valid: Tensor) -> Tensor:

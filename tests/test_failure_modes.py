@@ -775,3 +775,134 @@ def test_capture_takes_map_style_batches_and_integer_like_counts():
         assert all(torch.equal(got[k], want[k]) for k in want.names)
     with pytest.raises(TypeError, match="num_batches must be an int, got bool"):
         capture_reference(m, xs, loss_fn=loss, num_batches=True)
+
+
+# -- a sixth outside probe: numerics, layouts, base optimizers -------------------------
+class _FailsOnce(torch.optim.SGD):
+    """A base optimizer whose step raises once, at the given step (as an out-of-memory error
+    at AdamW's first step, when it allocates its state), before it touches anything."""
+
+    def __init__(self, params, fail_at: int) -> None:
+        super().__init__(params, lr=0.1, momentum=0.9)
+        self.calls, self.fail_at = 0, fail_at
+
+    def step(self, closure=None):
+        self.calls += 1
+        if self.calls == self.fail_at + 1:
+            raise RuntimeError("out of memory (simulated)")
+        return super().step(closure)
+
+
+@pytest.mark.parametrize("captured, fail_at", [(False, 0), (True, 0), (True, 2)])
+def test_a_base_step_that_raises_leaves_the_guidance_state_as_it_was(captured, fail_at):
+    runs = []
+    for fails in (False, True):
+        model = tiny_mlp()
+        ref = {"reference": _ref(model)} if captured else {}
+        opt = GuidedOptimizer(_FailsOnce(model.parameters(), fail_at if fails else -1), warmup_steps=0,
+                              max_angle=30.0, **ref)
+        for s in range(4):
+            opt.zero_grad()
+            backward(model, s)
+            if fails and s == fail_at:
+                with pytest.raises(RuntimeError, match="simulated"):
+                    opt.step()
+                assert opt.stats["step"] == fail_at  # the failed step is not counted
+                opt.zero_grad()  # the gradients were guided in place: compute them again
+                backward(model, s)
+            opt.step()
+        buf = io.BytesIO()
+        torch.save(opt.guidance_state_dict(), buf)
+        runs.append((_params(model), buf.getvalue(), opt.stats))
+    (p_ok, state_ok, stats_ok), (p_retry, state_retry, stats_retry) = runs
+    assert all(torch.equal(a, b) for a, b in zip(p_ok, p_retry))
+    assert state_ok == state_retry
+    assert stats_ok == stats_retry
+
+
+@pytest.mark.filterwarnings("ignore:Complex modules")
+def test_a_parameter_made_complex_after_construction_is_named_at_step():
+    model = tiny_mlp()
+    opt = GuidedAdamW(model.parameters(), lr=1e-2)
+    train(model, opt, 1)
+    model.to(torch.complex64)  # keeps the Parameter objects: the optimizer still holds them
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    before, state = _params(model), io.BytesIO()
+    torch.save(opt.state_dict(), state)
+    with pytest.raises(ValueError, match=r"parameter param_groups\[0\] parameter #0 .* is complex"):
+        opt.step()
+    after = io.BytesIO()
+    torch.save(opt.state_dict(), after)
+    assert all(torch.equal(a, b) for a, b in zip(before, _params(model)))
+    assert state.getvalue() == after.getvalue()
+
+
+def _fp16_guided(n, nonfinite, grad_value, r, dtype=torch.float16):
+    m = torch.nn.Module()
+    m.w = torch.nn.Parameter(torch.zeros(n, dtype=dtype))
+    opt = GuidedOptimizer(torch.optim.SGD(m.parameters(), lr=1e-6), reference=Reference({"w": r}, model=m),
+                          max_angle=30.0, magnitude="off", nonfinite=nonfinite)
+    m.w.grad = torch.full((n,), grad_value, dtype=dtype)
+    return m, opt
+
+
+@pytest.mark.parametrize("nonfinite", ["skip", "raise"])
+def test_guidance_that_would_overflow_a_float16_gradient_changes_nothing(nonfinite):
+    # every element finite (1e4 < 65504); rotated to 30 degrees from a one-hot reference,
+    # the gradient's norm (1e5) lands mostly on one element: beyond float16's range
+    m, opt = _fp16_guided(100, nonfinite, 1e4, torch.eye(1, 100)[0])
+    grad, state = m.w.grad.clone(), opt.state_dict()
+    if nonfinite == "raise":
+        with pytest.raises(FloatingPointError, match="overflow its dtype in parameter 'w'"):
+            opt.step()
+    else:
+        opt.step()
+        assert opt.stats["skipped"] == 1
+    after = opt.state_dict()
+    after["guidance"]["skipped"] = state["guidance"]["skipped"]  # the one field a skipped step moves
+    assert torch.equal(m.w.grad, grad) and not m.w.detach().any()
+    buf, buf_after = io.BytesIO(), io.BytesIO()
+    torch.save(state, buf)
+    torch.save(after, buf_after)
+    assert buf.getvalue() == buf_after.getvalue()
+
+
+def test_a_float16_gradient_with_a_large_norm_but_small_elements_is_guided():
+    # the block bound (|g| = 1.9e5) exceeds float16's range; rotated toward a dense
+    # reference, the elements do not (about 1e4 at most)
+    r = torch.randn(4096, generator=torch.Generator().manual_seed(0))
+    m, opt = _fp16_guided(4096, "skip", 3e3, r)
+    m32, want = _fp16_guided(4096, "skip", 3e3, r, dtype=torch.float32)
+    want.step()
+    opt.step()
+    assert opt.stats["skipped"] == 0 and torch.isfinite(m.w.grad).all()
+    torch.testing.assert_close(m.w.grad.float(), m32.w.grad, rtol=2e-3, atol=8.0)  # fp16 spacing at 1e4: 8
+
+
+@pytest.mark.parametrize("scale", [1e-23, 1e19])
+def test_a_reference_beyond_fp32s_squared_range_warns_and_leaves_the_gradient_alone(scale):
+    # |r|^2 an fp32 denormal (1e-46) or an overflow (1e38 x 50): the direction would be wrong
+    # (a denormal keeps a few bits) or is undefined; the block is left unguided, with a warning
+    u = torch.randn(50, generator=torch.Generator().manual_seed(0))
+    m = torch.nn.Module()
+    m.w = torch.nn.Parameter(torch.zeros(50))
+    with pytest.warns(UserWarning, match=r"reference #0 has 1 block\(s\) where \|r\|\^2 is not finite .* Rescale"):
+        opt = GuidedOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), reference=Reference({"w": u * scale}, model=m),
+                              max_angle=30.0, magnitude="off")
+    g = torch.randn(50, generator=torch.Generator().manual_seed(1))
+    m.w.grad = g.clone()
+    opt.step()
+    assert torch.equal(m.w.grad, g) and opt.stats["projected"] == 0.0
+
+
+def test_a_gradient_block_under_fp32s_normal_squares_is_left_unguided():
+    m = torch.nn.Module()
+    m.w = torch.nn.Parameter(torch.zeros(50))
+    u = torch.randn(50, generator=torch.Generator().manual_seed(0))
+    opt = GuidedOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), reference=Reference({"w": u}, model=m),
+                          max_angle=30.0, magnitude="off")
+    g = torch.randn(50, generator=torch.Generator().manual_seed(1)) * 1e-22  # |g|^2 ~ 5e-43, denormal
+    m.w.grad = g.clone()
+    opt.step()
+    assert torch.equal(m.w.grad, g) and opt.stats["projected"] == 0.0
