@@ -122,6 +122,14 @@ def unpack_guidance(saved: Any, config: GuidanceConfig, reference_mode: str, num
                          accepted=saved["accepted"], skipped=saved["skipped"], ema_since=ema_since)
 
 
+# A per-rank state_dict() of FSDP2-sharded parameters holds this rank's shards of the
+# references; loaded at another world size (or from one process into shards) they misfit.
+_SHARD_HINT = ("; if the checkpoint comes from sharded (FSDP2) parameters at another world size, or from one "
+               "process into sharded ones: a state_dict() holds each rank's own shards, so resume at the same "
+               "world size, or carry the guidance state with guidance_state_dict() / load_guidance_state_dict() "
+               "(whole references, cut to each rank's shard)")
+
+
 def _unpack_references(saved_refs: Any, params: list[Tensor], num_sources: int, reference_mode: str,
                        storage: str, describe: Callable[[int], str],
                        cut: Optional[Callable[[int, Store], Store]] = None,
@@ -152,7 +160,8 @@ def _unpack_references(saved_refs: Any, params: list[Tensor], num_sources: int, 
                 if cut is not None:
                     store = cut(i, store)
             except ValueError as e:
-                raise ValueError(f"{_field('refs')}[{i}][{key!r}] (parameter {describe(i)}): {e}") from e
+                hint = _SHARD_HINT if "shape" in str(e) else ""
+                raise ValueError(f"{_field('refs')}[{i}][{key!r}] (parameter {describe(i)}): {e}{hint}") from e
             if key == "ema":
                 ema[i] = store
             else:

@@ -213,7 +213,7 @@ class GuidedOptimizer(Optimizer):
     def _check_params(params: Sequence[tuple[str, Tensor]], where: str = "the optimizer's param_groups") -> None:
         """Raise ``ValueError`` for a parameter guidance cannot handle, by its description:
         complex, or listed twice (torch only warns; its gradient would count twice in the
-        block's norms and be rewritten twice)."""
+        block's norms and be rewritten twice); ``NotImplementedError`` for an FSDP1 shard."""
         seen: set[Tensor] = set()
         for description, p in params:
             if not isinstance(p, Tensor):
@@ -223,6 +223,8 @@ class GuidedOptimizer(Optimizer):
                                  "rewrite its gradient twice; list each parameter once")
             seen.add(p)
             _refuse_complex(p, description)
+            if getattr(p, "_fsdp_flattened", False) and _ranks() > 1:
+                raise NotImplementedError(_FSDP1)
 
     def _guided(self) -> list[tuple[int, int, Tensor]]:
         """(flat index, block, param) of parameters that have a gradient this step; a
@@ -249,6 +251,8 @@ class GuidedOptimizer(Optimizer):
                                  "nonfinite='propagate', steps sparse ones: it never reads a gradient)")
             # made complex after construction (model.to(torch.complex64) keeps the Parameter objects)
             _refuse_complex(p, self._describe(i))
+            if getattr(p, "_fsdp_flattened", False) and _ranks() > 1:
+                raise NotImplementedError(_FSDP1)
             if p.grad.device.type == "meta":
                 raise ValueError(f"parameter {self._describe(i)} is on the meta device (no data): materialise "
                                  "the model (e.g. model.to_empty(device=...) and initialise it) before stepping")
@@ -822,6 +826,20 @@ def _dtype_max(dtype: torch.dtype) -> Optional[float]:
         return None
     fmax = torch.finfo(dtype).max
     return fmax if fmax < torch.finfo(torch.float32).max else None
+
+
+# FSDP1 (FullyShardedDataParallel) hands the optimizer flat local shards as plain tensors
+# (marked `_fsdp_flattened`); unlike FSDP2's DTensors nothing tells them apart from whole
+# gradients, so each rank would guide with its own partial statistics and drift.
+_FSDP1 = ("GuidedOptimizer does not support FSDP1 (FullyShardedDataParallel): its gradients are flat "
+          "per-rank shards guidance cannot tell from whole ones, so each rank would guide with its own "
+          "statistics; use FSDP2 (torch.distributed.fsdp.fully_shard, or Accelerate's fsdp_version: 2) or DDP, "
+          "see docs/distributed.md")
+
+
+def _ranks() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _refuse_complex(p: Tensor, description: str) -> None:

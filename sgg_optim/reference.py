@@ -43,6 +43,33 @@ def _unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+def _wrapped_in_ddp(model: nn.Module) -> bool:
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            return True
+        inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return False
+        model = inner
+
+
+def _sum_over_ranks(sums: dict[str, Tensor], count: int, model: nn.Module, accelerator: Any) -> int:
+    """Under Accelerate data parallelism, a model that is not DDP-wrapped (such as
+    ``accelerator.unwrap_model(model)``) leaves each rank with the gradients of its own
+    batches only, and every rank would guide toward another reference: sum them over the
+    ranks in place and return the number of batches of all ranks (else ``count``, as it
+    is). DDP's backward and FSDP2's reduce-scatter already averaged them."""
+    if (accelerator is None or getattr(accelerator, "num_processes", 1) <= 1
+            or not (torch.distributed.is_available() and torch.distributed.is_initialized())
+            or _wrapped_in_ddp(model) or any(is_sharded(t) for t in sums.values())):
+        return count
+    for t in sums.values():  # the same order on every rank: named_parameters'
+        torch.distributed.all_reduce(t)
+    total = torch.tensor([float(count)], device=next(iter(sums.values())).device)
+    torch.distributed.all_reduce(total)
+    return int(total.item())
+
+
 # what :func:`_unwrap` strips from parameter names: torch.compile's and DDP's wrappers
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 
@@ -323,7 +350,10 @@ def capture_reference(
     is the one training sees, dropout included), but parameters and buffers are never
     changed (BatchNorm's running statistics are put back) and every ``.grad`` is put
     back as it was. With an Accelerate ``accelerator``, the forward runs under
-    its autocast and names come from the unwrapped model.
+    its autocast, names come from the unwrapped model, and under data parallelism
+    every rank gets the mean over all ranks' batches, whether ``model`` is the prepared
+    (DDP) model or ``accelerator.unwrap_model(model)``. Without one, capture through the
+    DDP model, whose backward averages the ranks' gradients.
 
     Example:
         >>> import torch
@@ -377,8 +407,10 @@ def capture_reference(
             count += 1
         if count == 0:
             raise ValueError("batches yielded no batch")
-        tensors = {n: (p.grad.float() / count if p.grad is not None else torch.zeros_like(p, dtype=torch.float32))
-                   for n, p in named}
+        sums = {n: (p.grad.float() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32))
+                for n, p in named}
+        count = _sum_over_ranks(sums, count, model, accelerator)
+        tensors = {n: s / count for n, s in sums.items()}
     finally:
         for (_, p), g in zip(named, saved):
             p.grad = g

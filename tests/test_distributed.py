@@ -138,6 +138,9 @@ CASES = {
     # a frozen source reference captured through the DDP model (its backward averages
     # the ranks' gradients, so every rank holds the 1-process reference)
     "source": (["--reference", "source"], 1e-6),
+    # the same reference captured through accelerator.unwrap_model(model): each rank's
+    # backward sees its own batches only, and capture_reference averages over the ranks
+    "source-unwrapped": (["--reference", "source-unwrapped"], 1e-6),
     # bf16 autocast rounds each rank's half-batch products to bf16, so 1 and 2
     # processes agree to bf16 precision only; ranks still agree bit for bit.
     "bf16": (["--mixed-precision", "bf16"], 5e-3),
@@ -156,11 +159,11 @@ def test_ddp_two_processes_match_one(case, tmp_path):
         assert_guided_on_synced_steps(rank)
     for a, b in zip(one["stats"], two[0]["stats"]):
         assert a["projected"] == b["projected"]
-    mode = "sources" if case == "source" else "ema"
+    mode = "sources" if case.startswith("source") else "ema"
     assert one["reference_mode"] == two[0]["reference_mode"] == mode
     if case != "bf16":  # (bf16 autocast moves the unguided run too)
         assert_far_from_unguided(one["params"], unguided_params(2 if case == "accum2" else 1), atol)
-    if case == "source":  # guided from the first step, no warm-up
+    if case.startswith("source"):  # guided from the first step, no warm-up
         assert not math.isnan(two[0]["stats"][0]["cos"])
 
 
@@ -350,3 +353,14 @@ def test_accelerate_fsdp2_parameter_swap_and_distributed_checkpoint(reference, t
         for name, value in rank["params"].items():  # resumed from the distributed checkpoint
             assert torch.equal(value, rank["resumed"][name]), name
     assert_far_from_unguided(ranks[0]["params"], unguided_params(), 1e-6)
+
+
+def test_fsdp1_is_refused_before_any_rank_guides_alone(tmp_path):
+    """FSDP1's flat shards are plain tensors: each rank would guide with its own statistics."""
+    run_all([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+             str(WORKER.parent / "fsdp1_worker.py"), "--out", str(tmp_path)])
+    for rank in results(tmp_path, 2):
+        for key in ("after_wrap_False", "after_wrap_True", "at_step"):
+            assert "does not support FSDP1" in rank[key], (key, rank[key])
+        assert rank["unchanged"]
+

@@ -906,3 +906,13 @@ def test_a_gradient_block_under_fp32s_normal_squares_is_left_unguided():
     m.w.grad = g.clone()
     opt.step()
     assert torch.equal(m.w.grad, g) and opt.stats["projected"] == 0.0
+
+
+# -- a seventh outside probe: distributed runs, checkpoints, loops ---------------------
+def test_a_reference_shard_of_another_world_size_says_how_to_move_the_state():
+    model, opt = _trained()
+    sd = opt.state_dict()
+    ema = sd["guidance"]["refs"][0]["ema"]
+    ema["values"] = ema["values"][:6].clone()  # rank 0's half of a (12, 6) weight under FSDP2
+    with pytest.raises(ValueError, match=r"expected \(12, 6\); .*same world size.*load_guidance_state_dict"):
+        opt.load_state_dict(sd)

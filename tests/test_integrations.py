@@ -110,6 +110,21 @@ def test_wrap_refuses_deepspeed(clean_env):
         GuidancePlugin().wrap(torch.optim.SGD(tiny_mlp().parameters(), lr=0.1), accelerator=fake)
 
 
+@pytest.mark.parametrize("version", [1, 2])
+def test_wrap_refuses_accelerates_fsdp1_and_takes_fsdp2(clean_env, version):
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=version)  # its default is 1
+    fake = SimpleNamespace(distributed_type=SimpleNamespace(value="FSDP"), state=SimpleNamespace(fsdp_plugin=plugin),
+                           register_for_checkpointing=lambda obj: None, log=lambda *a, **k: None)
+    base = torch.optim.SGD(tiny_mlp().parameters(), lr=0.1)
+    if version == 1:
+        with pytest.raises(NotImplementedError, match="fsdp_version: 2"):
+            GuidancePlugin().wrap(base, accelerator=fake)
+    else:
+        assert isinstance(GuidancePlugin().wrap(base, accelerator=fake), GuidedOptimizer)
+
+
 @pytest.mark.parametrize("when", ["before", "after"])
 def test_wrap_before_or_after_prepare(clean_env, accelerate_state, when):
     """Guards: apply_guidance_ not writing the gradients (EMA update kept)."""

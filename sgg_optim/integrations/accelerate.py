@@ -28,7 +28,7 @@ import torch
 from torch.optim import Optimizer
 
 from ..config import GuidanceConfig
-from ..optimizer import GuidedOptimizer
+from ..optimizer import _FSDP1, GuidedOptimizer
 from ..reference import Reference
 
 ENV_PREFIX = "SGG_"
@@ -133,6 +133,7 @@ class GuidancePlugin:
         through ``accelerator.log`` every ``log_every`` optimizer steps.
         """
         _refuse_deepspeed(optimizer, accelerator)
+        _refuse_fsdp1(accelerator)
         holder = optimizer if _is_accelerated(optimizer) else None
         inner = holder.optimizer if holder is not None else optimizer
         if isinstance(inner, GuidedOptimizer):
@@ -268,6 +269,16 @@ def _replace_inner(holder: Any, guided: GuidedOptimizer) -> None:
 
         holder._optimizer_original_step_method = guided.step
         holder._optimizer_patched_step_method = patch_optimizer_step(holder, guided.step)
+
+
+def _refuse_fsdp1(accelerator: Any) -> None:
+    """Accelerate's FSDP plugin runs FSDP1 unless ``fsdp_version: 2``: refuse it before
+    training rather than at the first step (the step refuses it too, for other launchers)."""
+    if getattr(getattr(accelerator, "distributed_type", None), "value", None) != "FSDP":
+        return
+    plugin = getattr(getattr(accelerator, "state", None), "fsdp_plugin", None)
+    if getattr(plugin, "fsdp_version", 2) == 1:
+        raise NotImplementedError(_FSDP1)
 
 
 def _refuse_deepspeed(optimizer: Any, accelerator: Any) -> None:

@@ -60,8 +60,9 @@ def main() -> None:
     ap.add_argument("--save-at", type=int, default=None, help="save_state after this many steps")
     ap.add_argument("--load-state", default=None, help="resume from this save_state folder")
     ap.add_argument("--state-dir", default=None)
-    ap.add_argument("--reference", default="ema", choices=["ema", "source"],
-                    help="source: guide toward a reference captured (under DDP) from other batches")
+    ap.add_argument("--reference", default="ema", choices=["ema", "source", "source-unwrapped"],
+                    help="source: guide toward a reference captured (under DDP) from other batches; "
+                         "source-unwrapped: the same, captured through accelerator.unwrap_model(model)")
     args = ap.parse_args()
 
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=args.grad_accum,
@@ -76,9 +77,10 @@ def main() -> None:
         optimizer = plugin.wrap(optimizer)
     model, optimizer = accelerator.prepare(model, optimizer)
     reference = None
-    if args.reference == "source":
+    if args.reference.startswith("source"):
         source = [micro_batch(500 + i, rank, world) for i in range(4)]
-        reference = capture_reference(model, source, accelerator=accelerator,
+        through = accelerator.unwrap_model(model) if args.reference == "source-unwrapped" else model
+        reference = capture_reference(through, source, accelerator=accelerator,
                                       loss_fn=lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1]))
     if args.wrap == "after":
         optimizer = plugin.wrap(optimizer, accelerator=accelerator, reference=reference)
