@@ -612,20 +612,23 @@ class GuidedOptimizer(Optimizer):
         k = len(b[0]) if b else 0
         num_blocks = len(norms) // (1 + k)
         gg, rr = norms[:num_blocks], norms[num_blocks:]
-        bad = None
+        # The bounds come from the global statistics, so every rank (FSDP2) finds the same
+        # suspects, and only a step with one pays the check and its collective.
+        suspects = []
         for (i, blk, _), g, rs, at, bt in zip(guided, grads, refs, a, b):
             fmax = _dtype_max(g.dtype)
-            if fmax is None or g.numel() == 0:
-                continue
-            bound = abs(at) * math.sqrt(gg[blk]) + sum(abs(bi) * math.sqrt(rr[blk * k + j])
-                                                       for j, bi in enumerate(bt) if bi != 0.0)
-            if bound < fmax:
-                continue
+            if fmax is not None and abs(at) * math.sqrt(gg[blk]) + sum(
+                    abs(bi) * math.sqrt(rr[blk * k + j]) for j, bi in enumerate(bt) if bi != 0.0) >= fmax:
+                suspects.append((i, g, rs, at, bt, fmax))
+        if not suspects:
+            return None
+        bad = None
+        for i, g, rs, at, bt, fmax in suspects:
             out = g.float() * at
             for r, bi in zip(rs, bt):
                 if r is not None and bi != 0.0:
                     r.add_to_(out, bi)
-            if not bool(out.abs().max() <= fmax):
+            if out.numel() and not bool(out.abs().max() <= fmax):
                 bad = i
                 break
         if group is None:
