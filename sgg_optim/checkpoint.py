@@ -16,7 +16,7 @@ from torch import Tensor
 from .config import STRUCTURAL_FIELDS, GuidanceConfig
 from .sharding import local_shard
 from .state import BlockState, GuidanceState
-from .storage import Store, store_from_state
+from .storage import ShapeMismatch, Store, store_from_state
 
 CHECKPOINT_FORMAT = 1
 FIELDS = ("format", "config", "reference", "num_sources", "layout", "accepted", "skipped",
@@ -160,7 +160,7 @@ def _unpack_references(saved_refs: Any, params: list[Tensor], num_sources: int, 
                 if cut is not None:
                     store = cut(i, store)
             except ValueError as e:
-                hint = _SHARD_HINT if "shape" in str(e) else ""
+                hint = _SHARD_HINT if isinstance(e, ShapeMismatch) and cut is None else ""
                 raise ValueError(f"{_field('refs')}[{i}][{key!r}] (parameter {describe(i)}): {e}{hint}") from e
             if key == "ema":
                 ema[i] = store

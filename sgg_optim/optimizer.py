@@ -222,7 +222,7 @@ class GuidedOptimizer(Optimizer):
                 raise ValueError(f"parameter {description} appears twice in {where}: guidance would count and "
                                  "rewrite its gradient twice; list each parameter once")
             seen.add(p)
-            _refuse_complex(p, description)
+            _refuse_complex(p, lambda: description)
             if getattr(p, "_fsdp_flattened", False) and _ranks() > 1:
                 raise NotImplementedError(_FSDP1)
 
@@ -250,7 +250,7 @@ class GuidedOptimizer(Optimizer):
                                  "gradients (only the pass-through, direction='off', magnitude='off', "
                                  "nonfinite='propagate', steps sparse ones: it never reads a gradient)")
             # made complex after construction (model.to(torch.complex64) keeps the Parameter objects)
-            _refuse_complex(p, self._describe(i))
+            _refuse_complex(p, lambda: self._describe(i))  # described only when refused
             if getattr(p, "_fsdp_flattened", False) and _ranks() > 1:
                 raise NotImplementedError(_FSDP1)
             if p.grad.device.type == "meta":
@@ -341,6 +341,7 @@ class GuidedOptimizer(Optimizer):
         flat = self._flat_params()
         gram = torch.zeros(self._num_blocks(), k, k, dtype=torch.float64)
         block_of, local_gram = {}, {}
+        underflow = torch.zeros(self._num_blocks(), k, dtype=torch.bool)  # non-zero values whose squares are 0
         for i, stores in st.sources.items():
             block_of[i] = self._block_of(i, flat[i][0])
             dense = [s.dense() if s is not None else None for s in stores]
@@ -348,6 +349,9 @@ class GuidedOptimizer(Optimizer):
             for a, b in ((a, b) for a in range(k) for b in range(a, k)):
                 if dense[a] is not None and dense[b] is not None:
                     g[a, b] = g[b, a] = stores[a].dot(dense[b]).double().cpu()  # type: ignore[union-attr]
+            for a, d in enumerate(dense):
+                if d is not None and g[a, a] == 0 and bool(d.any()):
+                    underflow[block_of[i], a] = True
             local_gram[i] = g
             gram[block_of[i]] += g
         group = shard_group([flat[i][1] for i in st.sources])
@@ -358,13 +362,14 @@ class GuidedOptimizer(Optimizer):
             gram = summed.cpu()
         sq = gram.diagonal(dim1=1, dim2=2)  # [B, k]: each source's |r_i|^2 per block
         bad = ~torch.isfinite(sq)  # a non-finite source, or |r_i|^2 beyond fp32's range
-        tiny = (sq > 0) & (sq < torch.finfo(torch.float32).tiny)
-        if bool((bad | tiny).any()):
+        out = bad | (sq < torch.finfo(torch.float32).tiny) & ((sq > 0) | underflow)
+        if bool(out.any()):
+            which = ", #".join(str(j) for j in sorted({int(j) for j in out.nonzero()[:, 1]}))
             warnings.warn(
-                f"reference #{', #'.join(str(j) for j in sorted({int(j) for j in (bad | tiny).nonzero()[:, 1]}))} has "
-                f"{int((bad | tiny).sum())} block(s) where |r|^2 is not finite (a non-finite value, or |r| above "
-                "~1.8e19) or below fp32's normal range (|r| under ~1.1e-19): guidance is off there. Rescale it "
-                "if its values are finite: the rules do not depend on the reference's scale", stacklevel=3)
+                f"reference #{which} has {int(out.sum())} block(s) where |r|^2 is not finite (a non-finite "
+                "value, or |r| above ~1.8e19) or below fp32's normal range (|r| under ~1.1e-19): guidance is off "
+                "there. Rescale it if its values are finite: the rules do not depend on the reference's scale",
+                stacklevel=_caller_outside_package())
         for i, stores in st.sources.items():
             for j in range(k):
                 if bad[block_of[i], j]:
@@ -607,7 +612,7 @@ class GuidedOptimizer(Optimizer):
         Every element of the rewrite, and every partial sum on the way, is at most the
         block bound ``|a| |g| + sum_i |b_i| |r_i|`` (``norms``: each block's ``|g|^2``, then
         its ``|r_i|^2``); only a tensor whose bound exceeds its dtype's range is rewritten
-        in fp32 to check, a rare path.
+        in fp32, partial sum by partial sum, to check: a rare path.
         """
         k = len(b[0]) if b else 0
         num_blocks = len(norms) // (1 + k)
@@ -624,11 +629,15 @@ class GuidedOptimizer(Optimizer):
             return None
         bad = None
         for i, g, rs, at, bt, fmax in suspects:
+            # in fp32, each partial sum as apply_guidance_ writes it (two references may
+            # cancel in the final value after the first has overflowed)
             out = g.float() * at
+            fits = out.numel() == 0 or bool(out.abs().max() <= fmax)
             for r, bi in zip(rs, bt):
-                if r is not None and bi != 0.0:
+                if fits and r is not None and bi != 0.0:
                     r.add_to_(out, bi)
-            if out.numel() and not bool(out.abs().max() <= fmax):
+                    fits = bool(out.abs().max() <= fmax)
+            if not fits:
                 bad = i
                 break
         if group is None:
@@ -824,11 +833,12 @@ class _StepCache:
 
 
 def _dtype_max(dtype: torch.dtype) -> Optional[float]:
-    """The largest value of a floating dtype narrower in range than fp32 (float16), else None."""
+    """The largest value of a floating dtype of a much narrower range than fp32's (float16,
+    float8), else None (bfloat16's range is fp32's, to within 0.4%)."""
     if not dtype.is_floating_point:
         return None
     fmax = torch.finfo(dtype).max
-    return fmax if fmax < torch.finfo(torch.float32).max else None
+    return fmax if fmax < torch.finfo(torch.float32).max / 2 else None
 
 
 # FSDP1 (FullyShardedDataParallel) hands the optimizer flat local shards as plain tensors
@@ -845,9 +855,19 @@ def _ranks() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def _refuse_complex(p: Tensor, description: str) -> None:
+def _caller_outside_package() -> int:
+    """``stacklevel`` for a warning raised from deep inside this package: the first frame
+    outside it (the user's line), however the call got there."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(here):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _refuse_complex(p: Tensor, describe: Callable[[], str]) -> None:
     if p.is_complex() or (p.grad is not None and p.grad.is_complex()):
-        raise ValueError(f"parameter {description} is complex; guidance supports real parameters only "
+        raise ValueError(f"parameter {describe()} is complex; guidance supports real parameters only "
                          "(view it as real with torch.view_as_real, or leave it out)")
 
 

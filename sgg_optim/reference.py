@@ -405,11 +405,12 @@ def capture_reference(
                                  "loss reduced to a scalar (e.g. .mean())")
             loss.backward()
             count += 1
-        if count == 0:
-            raise ValueError("batches yielded no batch")
         sums = {n: (p.grad.float() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32))
                 for n, p in named}
+        # after the collectives: a rank without a batch must still join them
         count = _sum_over_ranks(sums, count, model, accelerator)
+        if count == 0:
+            raise ValueError("batches yielded no batch")
         tensors = {n: s / count for n, s in sums.items()}
     finally:
         for (_, p), g in zip(named, saved):

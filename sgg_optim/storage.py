@@ -454,14 +454,22 @@ def zeros_store(like: Tensor, storage: str) -> Store:
     return DenseStore(torch.zeros(like.shape, device=like.device, dtype=_DTYPES[storage]))
 
 
+class ShapeMismatch(ValueError):
+    """A saved reference holds another number of elements (or another shape) than the
+    parameter it is loaded for: another model, or another rank's shard."""
+
+
 def store_from_state(state: dict[str, Tensor], shape: torch.Size, storage: str) -> Store:
-    """Rebuild a store from :meth:`state`, checking it matches ``shape`` and ``storage``."""
+    """Rebuild a store from :meth:`state`, checking it matches ``shape`` and ``storage``
+    (:class:`ShapeMismatch` where only the size or shape differs)."""
     if not isinstance(state, dict) or not all(isinstance(t, Tensor) for t in state.values()):
         raise ValueError("expected a dict of tensors")
     if storage == "int8" and set(state) == {"codes", "scale"}:
         codes, scale = state["codes"], state["scale"]
         blocks = -(-shape.numel() // LinearInt8Store.blocksize)
-        if codes.dtype != torch.int8 or codes.dim() != 1 or codes.numel() != shape.numel():
+        if codes.dtype == torch.int8 and codes.dim() == 1 and codes.numel() != shape.numel():
+            raise ShapeMismatch(f"int8 reference has {codes.numel()} codes, expected {shape.numel()}")
+        if codes.dtype != torch.int8 or codes.dim() != 1:
             raise ValueError(f"int8 reference has codes {codes.dtype} of shape {tuple(codes.shape)}, "
                              f"expected torch.int8 of shape ({shape.numel()},)")
         if scale.dtype != torch.float32 or tuple(scale.shape) != (blocks,):
@@ -472,8 +480,10 @@ def store_from_state(state: dict[str, Tensor], shape: torch.Size, storage: str) 
         if set(state) != {"codes", "absmax"} or state["codes"].dtype != torch.uint8:
             raise ValueError(f"expected int8 reference state (codes, scale) or (codes, absmax), got {sorted(state)}")
         codes, absmax = state["codes"], state["absmax"]
-        if codes.dim() != 1 or codes.numel() != shape.numel():
+        if codes.dim() != 1:
             raise ValueError(f"int8 reference has codes of shape {tuple(codes.shape)}, expected ({shape.numel()},)")
+        if codes.numel() != shape.numel():
+            raise ShapeMismatch(f"int8 reference has {codes.numel()} codes, expected {shape.numel()}")
         blocks = -(-shape.numel() // INT8_BLOCKSIZE)
         if absmax.dtype != torch.float32 or tuple(absmax.shape) != (blocks,):
             raise ValueError(f"int8 reference has absmax {absmax.dtype} of shape {tuple(absmax.shape)}, "
@@ -483,5 +493,5 @@ def store_from_state(state: dict[str, Tensor], shape: torch.Size, storage: str) 
     if set(state) != {"values"} or values is None or values.dtype != _DTYPES[storage]:
         raise ValueError(f"expected {storage} reference values, got {({k: v.dtype for k, v in state.items()})}")
     if values.shape != shape:
-        raise ValueError(f"reference has shape {tuple(values.shape)}, expected {tuple(shape)}")
+        raise ShapeMismatch(f"reference has shape {tuple(values.shape)}, expected {tuple(shape)}")
     return DenseStore(values)

@@ -880,16 +880,18 @@ def test_a_float16_gradient_with_a_large_norm_but_small_elements_is_guided():
     torch.testing.assert_close(m.w.grad.float(), m32.w.grad, rtol=2e-3, atol=8.0)  # fp16 spacing at 1e4: 8
 
 
-@pytest.mark.parametrize("scale", [1e-23, 1e19])
+@pytest.mark.parametrize("scale", [1e-23, 1e-25, 1e19])
 def test_a_reference_beyond_fp32s_squared_range_warns_and_leaves_the_gradient_alone(scale):
-    # |r|^2 an fp32 denormal (1e-46) or an overflow (1e38 x 50): the direction would be wrong
-    # (a denormal keeps a few bits) or is undefined; the block is left unguided, with a warning
+    # |r|^2 an fp32 denormal (1e-46), 0 although the values are not (1e-50), or an overflow
+    # (1e38 x 50): the direction would be wrong (a denormal keeps a few bits) or is undefined;
+    # the block is left unguided, with a warning at the user's line
     u = torch.randn(50, generator=torch.Generator().manual_seed(0))
     m = torch.nn.Module()
     m.w = torch.nn.Parameter(torch.zeros(50))
-    with pytest.warns(UserWarning, match=r"reference #0 has 1 block\(s\) where \|r\|\^2 is not finite .* Rescale"):
+    with pytest.warns(UserWarning, match=r"reference #0 has 1 block\(s\) where \|r\|\^2 is not finite .* Rescale") as w:
         opt = GuidedOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), reference=Reference({"w": u * scale}, model=m),
                               max_angle=30.0, magnitude="off")
+    assert w[0].filename == __file__
     g = torch.randn(50, generator=torch.Generator().manual_seed(1))
     m.w.grad = g.clone()
     opt.step()
@@ -916,3 +918,48 @@ def test_a_reference_shard_of_another_world_size_says_how_to_move_the_state():
     ema["values"] = ema["values"][:6].clone()  # rank 0's half of a (12, 6) weight under FSDP2
     with pytest.raises(ValueError, match=r"expected \(12, 6\); .*same world size.*load_guidance_state_dict"):
         opt.load_state_dict(sd)
+
+
+def test_a_step_describes_no_parameter_unless_it_refuses_one(monkeypatch):
+    # a description rebuilds the names of all parameters: built per parameter and step, it
+    # made each step quadratic in the number of tensors
+    model = tiny_mlp()
+    opt = GuidedAdamW(model.parameters(), lr=1e-2, warmup_steps=0)
+
+    def no_description(self, index):
+        raise AssertionError(f"parameter {index} described although nothing was refused")
+
+    monkeypatch.setattr(GuidedOptimizer, "_describe", no_description)
+    train(model, opt, 2)
+    assert opt.stats["step"] == 2
+
+
+def test_float16_partial_sums_that_overflow_skip_the_step_although_the_sum_fits():
+    # two references cancel on element 1 in the final a g + b1 r1 + b2 r2, but the rewrite
+    # adds them one at a time in float16, and a g + b1 r1 already overflows there
+    n, c = 100, 1000.0
+    m = torch.nn.Module()
+    m.w = torch.nn.Parameter(torch.zeros(n, dtype=torch.float16))
+    r1, r2 = torch.zeros(n), torch.zeros(n)
+    r1[0], r1[1], r2[0], r2[1] = 1.0, c, 1.0, -c
+    opt = GuidedOptimizer(torch.optim.SGD(m.parameters(), lr=1e-6),
+                          reference=[Reference({"w": r1}, model=m), Reference({"w": r2}, model=m)],
+                          direction="blend", strength=0.5, magnitude="off")
+    g = torch.full((n,), 100.0, dtype=torch.float16)
+    g[1] = 0
+    m.w.grad = g.clone()
+    opt.step()
+    assert opt.stats["skipped"] == 1 and torch.equal(m.w.grad, g) and not m.w.detach().any()
+
+
+def test_the_shard_hint_is_given_for_a_size_mismatch_only():
+    model = tiny_mlp()
+    opt = GuidedAdamW(model.parameters(), lr=1e-2, warmup_steps=2, reference_dtype="int8")
+    train(model, opt, 4)
+    sd = opt.state_dict()
+    ema = sd["guidance"]["refs"][0]["ema"]
+    ema["codes"] = ema["codes"].float()  # the right size, another dtype
+    with pytest.raises(ValueError, match="int8 reference has codes torch.float32") as e:
+        opt.load_state_dict(sd)
+    assert "world size" not in str(e.value)
+
