@@ -136,7 +136,7 @@ def test_lp_ft_probe_phase_leaves_the_encoder_bit_identical():
                        on_step=snapshot)
         for step in (0, 1):  # the probe: 2 of 6 steps
             for n, value in seen[step].items():
-                assert torch.equal(value, start[n]) != training.is_head(n), (name, step, n)
+                assert torch.equal(value, start[n]) != training.is_head(n, model), (name, step, n)
         assert not torch.equal(seen[-1]["bert.embeddings.word_embeddings.weight"],
                                start["bert.embeddings.word_embeddings.weight"])
 

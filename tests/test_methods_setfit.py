@@ -101,3 +101,28 @@ def test_setfit_plus_guidance_tunes_the_body_with_guided_adamw(tiny_folder, monk
     with pytest.raises(ValueError, match="own EMA reference"):
         run_cell(synthetic_task(), get_strategy("setfit+cone-kshot"), 4, 0, minilm_factory(tiny_folder),
                  RunConfig(steps=2, max_length=16), lr=2e-5)
+
+
+def test_a_sentence_transformers_folder_keeps_its_own_pooling(tiny_folder, tmp_path):
+    # a BGE-style folder pools with CLS; SetFitModel.from_pretrained(folder) would keep it too
+    pytest.importorskip("setfit")
+    from sentence_transformers import SentenceTransformer, models
+
+    enc = models.Transformer(str(tiny_folder), max_seq_length=16)
+    SentenceTransformer(modules=[enc, models.Pooling(enc.get_word_embedding_dimension(), "cls")]).save(str(tmp_path))
+    seen = {}
+    strategy = get_strategy("setfit")
+
+    def capture(model, ctx):
+        model, tok = prepare(model, ctx)
+        seen["body"] = model.setfit_model.model_body
+        return model, tok
+
+    prepare = strategy.prepare
+    from dataclasses import replace
+
+    run_cell(synthetic_task(), replace(strategy, prepare=capture), 4, 0, minilm_factory(tmp_path),
+             RunConfig(steps=2, max_length=16), lr=2e-5)
+    pooling = [m for m in seen["body"] if isinstance(m, models.Pooling)]
+    assert [p.get_config_dict()["pooling_mode"] for p in pooling] == ["cls"]
+    assert not any(isinstance(m, models.Normalize) for m in seen["body"])  # the folder has none

@@ -309,6 +309,10 @@ def capture_cmd(args: argparse.Namespace) -> int:
         raise SystemExit(f"sgg-optim capture: {e}") from None
     torch.manual_seed(args.seed)
     model, tok = factory(task)
+    limit = getattr(tok, "model_max_length", None)
+    if isinstance(limit, int) and args.max_length > limit:
+        raise SystemExit(f"sgg-optim capture: --max-length {args.max_length} is more tokens than {args.model} "
+                         f"takes ({limit} positions); give at most {limit}")
     cfg = RunConfig(batch_size=args.batch_size, max_length=args.max_length)
     bar = tqdm(total=args.batches, desc="capturing", unit="batch", file=sys.stdout, dynamic_ncols=True)
 

@@ -37,7 +37,30 @@ def load_tokenizer(folder: Path) -> Any:
     if len(tok) <= len(set(tok.all_special_ids)):
         raise ValueError(f"{folder}: the tokenizer has no vocabulary beyond its {len(tok)} special tokens (no "
                          f"tokenizer files?), so every word would read as unknown; {hint}")
+    if tok.pad_token is None and tok.eos_token is None:  # batches are padded; eos is the usual stand-in
+        raise ValueError(f"{folder}: the tokenizer has neither a pad token nor an eos token to pad batches with; "
+                         "add one and save both: tokenizer.add_special_tokens({'pad_token': '[PAD]'}), "
+                         "model.resize_token_embeddings(len(tokenizer))")
+    positions = _position_limit(folder)
+    if positions is not None and positions < tok.model_max_length:
+        tok.model_max_length = positions  # texts are cut there (training.encode), not past the model's positions
     return tok
+
+
+def _position_limit(folder: Path) -> Optional[int]:
+    """How many tokens the model's position embeddings take, from its config (None: no limit
+    given). RoBERTa-style models count positions from ``pad_token_id + 1``."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(str(folder))
+    n = next((getattr(cfg, k) for k in ("max_position_embeddings", "n_positions", "max_seq_len")
+              if isinstance(getattr(cfg, k, None), int)), None)
+    if n is None or getattr(cfg, "position_embedding_type", "absolute") != "absolute":
+        return None
+    if cfg.model_type in ("roberta", "xlm-roberta", "camembert", "longformer", "mpnet") \
+            and isinstance(getattr(cfg, "pad_token_id", None), int):
+        n -= cfg.pad_token_id + 1
+    return n if n > 0 else None
 
 
 def check_label_words(words: Sequence[str], label_names: Sequence[str]) -> None:
@@ -128,8 +151,10 @@ def encoder_factory(folder: Path) -> ModelFactory:
         tok.pad_token = tok.eos_token
 
     def build(task: Any) -> tuple[nn.Module, Any]:
+        # one label per text, cross-entropy: a folder's own problem_type (multi-label, regression) is not kept
         model = AutoModelForSequenceClassification.from_pretrained(
-            str(folder), num_labels=task.num_labels, ignore_mismatched_sizes=True)
+            str(folder), num_labels=task.num_labels, ignore_mismatched_sizes=True,
+            problem_type="single_label_classification")
         if model.config.pad_token_id is None and tok.pad_token_id is not None:
             model.config.pad_token_id = tok.pad_token_id
         prefix = getattr(model, "base_model_prefix", "")
@@ -151,6 +176,8 @@ def model_kind(folder: Path) -> str:
 
     cfg = Path(folder) / "config.json"
     if not cfg.is_file():
-        raise ValueError(f"{folder}: not a Hugging Face model folder (no config.json)")
+        inner = sorted(str(c.parent) for c in Path(folder).glob("*/config.json"))
+        hint = f"; the model may be in {inner[0]}" if inner else ""  # an older sentence-transformers layout
+        raise ValueError(f"{folder}: not a Hugging Face model folder (no config.json){hint}")
     archs = json.loads(cfg.read_text()).get("architectures") or []
     return "causal" if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) else "encoder"

@@ -118,13 +118,14 @@ class Strategy:
             kwargs["reference"] = reference
         groups: Any = params
         if not self.guide_head:
-            from .training import is_head, without_head
+            from .training import head_names, without_head
 
-            head = [(n, p) for n, p in params if is_head(n)]
+            names = head_names(model)
+            head = [(n, p) for n, p in params if n in names]
             if not head:
                 raise ValueError(f"strategy {self.name} leaves the classification head unguided; "
                                  "this model has no head parameter")
-            groups = [{"params": [(n, p) for n, p in params if not is_head(n)]}, {"params": head}]
+            groups = [{"params": [(n, p) for n, p in params if n not in names]}, {"params": head}]
             kwargs["reference"] = without_head(reference, model)
         return GuidedAdamW(groups, lr=lr, weight_decay=0.01, **kwargs)
 

@@ -55,7 +55,9 @@ def apply_lora(model: nn.Module, r: int = 8) -> nn.Module:
 
     if isinstance(model, VerbalizerLM):
         return apply_lora_lm(model, r)
-    return get_peft_model(model, lora_config(model, r, modules_to_save=["classifier"], task_type="SEQ_CLS"))
+    # the fresh head's top modules train whole (PEFT's modules_to_save), whatever their names
+    head = sorted({n.split(".")[0] for n in head_names(model)}) or ["classifier"]
+    return get_peft_model(model, lora_config(model, r, modules_to_save=head, task_type="SEQ_CLS"))
 
 
 @dataclass
@@ -71,6 +73,9 @@ def encode(tokenizer: Any, texts: Sequence[Any], max_length: int) -> dict[str, t
     column, :mod:`.data`) go in as ``tokenizer(a_list, b_list, ...)``, the tokenizer's pair
     encoding, unless the tokenizer sets ``takes_pair_tuples`` (it formats pairs itself)."""
     texts = list(texts)
+    # never past the model's positions (models.load_tokenizer sets model_max_length from them)
+    limit = getattr(tokenizer, "model_max_length", None)
+    max_length = min(max_length, limit) if isinstance(limit, int) else max_length
     if texts and isinstance(texts[0], tuple) and not getattr(tokenizer, "takes_pair_tuples", False):
         return tokenizer([a for a, _ in texts], [b for _, b in texts], truncation=True, max_length=max_length,
                          padding=True, return_tensors="pt")
@@ -246,9 +251,21 @@ class UpdateCosine:
 HEAD_NAMES = ("classifier", "score")  # BERT-style and Llama-style sequence-classification heads
 
 
-def is_head(name: str) -> bool:
-    """True for a parameter of the fresh classification head (by its module name)."""
-    return any(part in HEAD_NAMES for part in name.split("."))
+def head_names(model: nn.Module) -> frozenset[str]:
+    """Names of the parameters of the fresh classification head: every parameter outside
+    the pretrained body (``base_model_prefix``: what :func:`.models.encoder_factory` draws
+    fresh, DistilBERT's ``pre_classifier`` and BART's ``classification_head`` included), or,
+    for a model that names no body, those under a module named in :data:`HEAD_NAMES`."""
+    names = [n for n, _ in model.named_parameters()]
+    prefix = getattr(model, "base_model_prefix", "")
+    if prefix and any(n.startswith(prefix + ".") for n in names):
+        return frozenset(n for n in names if not n.startswith(prefix + "."))
+    return frozenset(n for n in names if any(part in HEAD_NAMES for part in n.split(".")))
+
+
+def is_head(name: str, model: nn.Module) -> bool:
+    """True for a parameter of ``model``'s fresh classification head (:func:`head_names`)."""
+    return name in head_names(model)
 
 
 def without_head(reference: Any, model: nn.Module) -> Any:
@@ -256,7 +273,8 @@ def without_head(reference: Any, model: nn.Module) -> Any:
     to ``model``: a block whose reference is zero is left unguided."""
     if isinstance(reference, (list, tuple)):
         return [without_head(r, model) for r in reference]
-    return Reference({n: torch.zeros_like(reference[n]) if is_head(n) else reference[n] for n in reference.names},
+    head = head_names(model)
+    return Reference({n: torch.zeros_like(reference[n]) if n in head else reference[n] for n in reference.names},
                      storage=reference.storage).bind(model)
 
 
@@ -303,10 +321,12 @@ def train(model: nn.Module, strategy: Strategy, lr: float, data: Any, cfg: RunCo
     """
     params = [p for p in model.parameters() if p.requires_grad]
     probe = round(strategy.probe_fraction * cfg.steps)
-    frozen = [p for n, p in model.named_parameters() if p.requires_grad and not is_head(n)] if probe else []
+    head = head_names(model) if probe else frozenset()
+    frozen = [p for n, p in model.named_parameters() if p.requires_grad and n not in head] if probe else []
     if probe and len(frozen) == len(params):
-        raise ValueError(f"strategy {strategy.name}: a linear probe needs a classification head "
-                         f"(a parameter named {' or '.join(HEAD_NAMES)}); this model has none")
+        raise ValueError(f"strategy {strategy.name}: a linear probe needs a classification head (parameters "
+                         f"outside the model's base_model_prefix, or named {' or '.join(HEAD_NAMES)}); "
+                         "this model has none")
     opt = strategy.build_optimizer(model, lr, reference)
     single = reference if isinstance(reference, Reference) else None
     loss_fn = strategy.objective(model, single) if strategy.objective is not None else None

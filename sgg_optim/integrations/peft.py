@@ -12,8 +12,9 @@ from typing import Any, Optional, Sequence
 from torch import Tensor, nn
 
 # the attention projections LoRA adapts by default (Hu et al. 2021: query and value),
-# under BERT's and Llama's module names
-ATTENTION_TARGETS = ("query", "value", "q_proj", "v_proj")
+# under BERT's, Llama's (and BART's), DistilBERT's and MPNet's module names; other models
+# get PEFT's own table by model_type (GPT-2's fused c_attn, DeBERTa-v2's query_proj)
+ATTENTION_TARGETS = ("query", "value", "q_proj", "v_proj", "q_lin", "v_lin", "q", "v")
 
 
 def lora_config(model: nn.Module, r: int = 8, *, target_modules: Optional[Sequence[str]] = None,
@@ -35,13 +36,26 @@ def lora_config(model: nn.Module, r: int = 8, *, target_modules: Optional[Sequen
     if r < 1:
         raise ValueError(f"r must be >= 1, got {r}")
     if target_modules is None:
-        names = [name for name, _ in model.named_modules()]
-        target_modules = [t for t in ATTENTION_TARGETS if any(n.endswith(t) for n in names)]
-        if not target_modules:
-            raise ValueError(f"{type(model).__name__} has no module named {' or '.join(ATTENTION_TARGETS)}: "
-                             "pass target_modules")
+        target_modules = attention_targets(model)
     return LoraConfig(r=r, lora_alpha=lora_alpha or 2 * r, lora_dropout=0.0, target_modules=list(target_modules),
                       **kwargs)
+
+
+def attention_targets(model: nn.Module) -> list[str]:
+    """The query/value projections of ``model`` LoRA adapts by default: the module names in
+    :data:`ATTENTION_TARGETS` it has (matched whole, as the last part of a module's name),
+    else PEFT's table for its ``config.model_type``; ``ValueError`` if neither finds one."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
+
+    last = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    found = [t for t in ATTENTION_TARGETS if t in last]
+    if not found:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        found = [t for t in PEFT_TARGETS.get(model_type, ()) if t in last]
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no attention projection LoRA knows by name "
+                         f"({', '.join(ATTENTION_TARGETS)}, nor PEFT's for its model type): pass target_modules")
+    return found
 
 
 def adapter_named_parameters(model: nn.Module) -> list[tuple[str, Tensor]]:

@@ -67,14 +67,28 @@ def prepare_setfit() -> Any:
         from setfit import SetFitModel, Trainer, TrainingArguments
         from sklearn.linear_model import LogisticRegression
 
+        from .incontext import VerbalizerLM
+
+        if isinstance(model, VerbalizerLM):
+            raise ValueError("the setfit row tunes a sentence encoder; this model is a causal LM scored by label "
+                             "words: give an encoder folder (--model-kind encoder reads a decoder as one)")
         folder = getattr(getattr(model, "config", None), "_name_or_path", "")
         if not folder or not os.path.isdir(folder):
             raise ValueError(f"the setfit row builds its body from the model's local folder; "
                              f"model.config._name_or_path is {folder!r}")
         torch.manual_seed(ctx.seed)
-        encoder = models.Transformer(folder, max_seq_length=ctx.cfg.max_length)
-        pooling = models.Pooling(encoder.get_word_embedding_dimension(), "mean")
-        body = SentenceTransformer(modules=[encoder, pooling, models.Normalize()], device="cpu")
+        if os.path.isfile(os.path.join(folder, "modules.json")):
+            # a sentence-transformers folder: its own pooling (CLS, mean, ...) and normalisation
+            body = SentenceTransformer(folder, device="cpu")
+            body.max_seq_length = ctx.cfg.max_length
+            encoder = body[0]
+        else:  # a plain encoder folder: mean pooling and normalisation, as all-MiniLM-L6-v2's own modules
+            encoder = models.Transformer(folder, max_seq_length=ctx.cfg.max_length)
+            pooling = models.Pooling(encoder.get_word_embedding_dimension(), "mean")
+            body = SentenceTransformer(modules=[encoder, pooling, models.Normalize()], device="cpu")
+        tok = getattr(encoder, "tokenizer", None)
+        if tok is not None and tok.pad_token is None and tok.eos_token is not None:
+            tok.pad_token = tok.eos_token  # as the encoder rows pad (models.encoder_factory)
         head = LogisticRegression(random_state=ctx.seed)
         setfit_model = SetFitModel(model_body=body, model_head=head)
         with tempfile.TemporaryDirectory(prefix="sgg-setfit-") as out:
