@@ -858,7 +858,7 @@ def _ranks() -> int:
 def _caller_outside_package() -> int:
     """``stacklevel`` for a warning raised from deep inside this package: the first frame
     outside it (the user's line), however the call got there."""
-    here = os.path.dirname(os.path.abspath(__file__))
+    here = os.path.dirname(os.path.abspath(__file__)) + os.sep
     frame, level = sys._getframe(1), 1
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(here):
         frame, level = frame.f_back, level + 1

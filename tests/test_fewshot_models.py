@@ -85,6 +85,21 @@ def test_the_fresh_head_is_everything_outside_the_body(tmp_path):
     trainable = {n for n, p in lora.named_parameters() if p.requires_grad}
     assert any("q_lin.lora_A" in n for n in trainable) and any("v_lin.lora_A" in n for n in trainable)
     assert any("pre_classifier" in n for n in trainable) and any(".classifier." in n for n in trainable)
+    # and under the PEFT wrapper, the head is still both modules (LP-FT's probe, an unguided head)
+    wrapped = {n.split(".")[2] for n in training.head_names(lora)}
+    assert wrapped == {"pre_classifier", "classifier"}
+
+
+def test_rotary_and_relative_positions_set_no_limit(tmp_path):
+    from transformers import LlamaConfig
+
+    from sgg_optim.fewshot.models import _position_limit
+
+    LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=24).save_pretrained(str(tmp_path / "llama"))
+    _bert(max_position_embeddings=24).config.save_pretrained(str(tmp_path / "bert"))
+    assert _position_limit(tmp_path / "llama") is None
+    assert _position_limit(tmp_path / "bert") == 24
 
 
 def test_lp_fts_probe_trains_the_whole_fresh_head(tmp_path):

@@ -309,7 +309,7 @@ def capture_cmd(args: argparse.Namespace) -> int:
         raise SystemExit(f"sgg-optim capture: {e}") from None
     torch.manual_seed(args.seed)
     model, tok = factory(task)
-    limit = getattr(tok, "model_max_length", None)
+    limit = getattr(getattr(tok, "tokenizer", tok), "model_max_length", None)  # (a causal LM's prompt wrapper)
     if isinstance(limit, int) and args.max_length > limit:
         raise SystemExit(f"sgg-optim capture: --max-length {args.max_length} is more tokens than {args.model} "
                          f"takes ({limit} positions); give at most {limit}")

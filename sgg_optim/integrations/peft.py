@@ -14,7 +14,7 @@ from torch import Tensor, nn
 # the attention projections LoRA adapts by default (Hu et al. 2021: query and value),
 # under BERT's, Llama's (and BART's), DistilBERT's and MPNet's module names; other models
 # get PEFT's own table by model_type (GPT-2's fused c_attn, DeBERTa-v2's query_proj)
-ATTENTION_TARGETS = ("query", "value", "q_proj", "v_proj", "q_lin", "v_lin", "q", "v")
+ATTENTION_TARGETS = (("query", "value"), ("q_proj", "v_proj"), ("q_lin", "v_lin"), ("q", "v"))
 
 
 def lora_config(model: nn.Module, r: int = 8, *, target_modules: Optional[Sequence[str]] = None,
@@ -48,13 +48,15 @@ def attention_targets(model: nn.Module) -> list[str]:
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
 
     last = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    found = [t for t in ATTENTION_TARGETS if t in last]
+    # the first family of names the model has (a model with query/value never gets "q"/"v" too)
+    found = next(([t for t in family if t in last] for family in ATTENTION_TARGETS if set(family) & last), [])
     if not found:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         found = [t for t in PEFT_TARGETS.get(model_type, ()) if t in last]
     if not found:
+        known = ", ".join("/".join(family) for family in ATTENTION_TARGETS)
         raise ValueError(f"{type(model).__name__} has no attention projection LoRA knows by name "
-                         f"({', '.join(ATTENTION_TARGETS)}, nor PEFT's for its model type): pass target_modules")
+                         f"({known}, nor PEFT's for its model type): pass target_modules")
     return found
 
 
