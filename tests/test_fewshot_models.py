@@ -122,3 +122,19 @@ def test_an_older_sentence_transformers_layout_points_to_the_model_inside(tmp_pa
     (tmp_path / "modules.json").write_text(json.dumps([{"path": "0_Transformer"}]))
     with pytest.raises(ValueError, match="no config.json.*may be in .*0_Transformer"):
         model_kind(tmp_path)
+
+
+def test_a_lora_row_without_known_attention_names_stops_compare_before_anything_trains(tmp_path):
+    from transformers import XLNetConfig, XLNetForSequenceClassification
+
+    from sgg_optim.fewshot.compare import InputError, compare
+
+    def factory(task):  # XLNet's attention keeps q/k/v as parameters of one module: nothing for LoRA to wrap
+        return XLNetForSequenceClassification(XLNetConfig(vocab_size=len(WORDS), d_model=16, n_layer=1, n_head=2,
+                                                          d_inner=32, num_labels=task.num_labels)), _tokenizer()
+
+    task = Task("mine", ("a", "b"), tuple(f"t{i}" for i in range(40)), tuple(i % 2 for i in range(40)),
+                ("t0", "t1"), (0, 1))
+    with pytest.raises(InputError, match="XLNetForSequenceClassification has no attention projection"):
+        compare(task, factory, ["adamw", "lora"], shots=2, seeds=1, steps=1, out=tmp_path / "out", verbose=False)
+    assert not (tmp_path / "out").exists()

@@ -148,6 +148,11 @@ def compare(task: Task, model: str | Callable[[Any], Any], strategies: Optional[
             factory, name = model, model_name or getattr(model, "__name__", "custom")
         else:
             factory, name = grid.model_factory(str(model), label_words=label_words), model_name or str(model)
+        if any(st.lora for st in strats):  # the LoRA rows' targets, found before any row trains
+            from ..integrations.peft import attention_targets
+
+            built, _ = factory(task)
+            attention_targets(getattr(built, "lm", built))
         out = claim_folder(Path(out), task, name, label_words, source)
     except InputError:
         raise
