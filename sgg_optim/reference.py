@@ -377,7 +377,9 @@ def capture_reference(
     # one batch where an iterable of them was meant (a Tensor would be read row by row); iter()
     # also takes a map-style dataset, which iterates through __getitem__
     try:
-        if isinstance(batches, (Mapping, Tensor, str, bytes)):
+        # a tuple of tensors is one (inputs, targets) batch; batches come in a list or a loader
+        if isinstance(batches, (Mapping, Tensor, str, bytes)) or (
+                isinstance(batches, tuple) and batches and all(isinstance(b, Tensor) for b in batches)):
             raise TypeError
         iter(batches)
     except TypeError:

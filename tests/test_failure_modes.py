@@ -689,6 +689,9 @@ def test_huge_gradients_with_an_ema_reference_keep_the_state_finite():
     (lambda m, x: capture_reference(m, x, loss_fn=lambda mm, b: mm(b).sum()), TypeError,
      r"got a single Tensor: wrap one batch in a list"),
     (lambda m, x: capture_reference(m, {"x": x}), TypeError, r"got a single dict"),
+    # one (inputs, targets) batch with loss_fn: it was read as two batches, inputs then targets
+    (lambda m, x: capture_reference(m, (x, x[:, 0].long()), loss_fn=lambda mm, b: mm(b[0]).sum()), TypeError,
+     r"got a single tuple: wrap one batch in a list"),
     (lambda m, x: capture_reference(m, [x], loss_fn=lambda mm, b: mm(b).sum(), num_batches=2.0), TypeError,
      r"num_batches must be an int, got float"),
     (lambda m, x: capture_reference(m, [x], loss_fn=lambda mm, b: mm(b).pow(2)), ValueError,
