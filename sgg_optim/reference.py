@@ -377,9 +377,10 @@ def capture_reference(
     # one batch where an iterable of them was meant (a Tensor would be read row by row); iter()
     # also takes a map-style dataset, which iterates through __getitem__
     try:
-        # a tuple of tensors is one (inputs, targets) batch; batches come in a list or a loader
+        # (inputs, targets) of different ranks is one batch (a split tensor's parts share their rank)
         if isinstance(batches, (Mapping, Tensor, str, bytes)) or (
-                isinstance(batches, tuple) and batches and all(isinstance(b, Tensor) for b in batches)):
+                isinstance(batches, tuple) and len(batches) == 2 and all(isinstance(b, Tensor) for b in batches)
+                and batches[0].dim() != batches[1].dim()):
             raise TypeError
         iter(batches)
     except TypeError:

@@ -682,6 +682,14 @@ def test_huge_gradients_with_an_ema_reference_keep_the_state_finite():
                     warmup_steps=1).load_state_dict(opt.state_dict())
 
 
+def test_capture_takes_a_split_tensor_as_its_batches():
+    m, x = tiny_mlp(), torch.randn(8, 6)
+    loss = lambda mm, b: mm(b).sum()  # noqa: E731
+    want = capture_reference(m, [x[:4], x[4:]], loss_fn=loss)
+    got = capture_reference(m, x.split(4), loss_fn=loss)  # torch returns a tuple of tensors
+    assert all(torch.equal(got[k], want[k]) for k in want.names)
+
+
 @pytest.mark.parametrize("call, error, message", [
     # (inputs, targets) tuples without loss_fn: the model cannot take the targets
     (lambda m, x: capture_reference(m, [(x, x)]), TypeError, r"model\(\*batch\).*pass loss_fn"),

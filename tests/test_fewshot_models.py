@@ -138,3 +138,12 @@ def test_a_lora_row_without_known_attention_names_stops_compare_before_anything_
     with pytest.raises(InputError, match="XLNetForSequenceClassification has no attention projection"):
         compare(task, factory, ["adamw", "lora"], shots=2, seeds=1, steps=1, out=tmp_path / "out", verbose=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_head_under_a_prompt_learning_wrapper_is_found_at_its_path():
+    # ProMoT and L-Tuning wrap the model with prompt learning: the base sits at base_model, not base_model.model
+    from peft import PromptTuningConfig, get_peft_model
+
+    wrapped = get_peft_model(_bert(num_labels=2), PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=2))
+    tops = {n.split(".")[1] for n in training.head_names(wrapped)}
+    assert tops == {"classifier"}

@@ -153,6 +153,7 @@ def compare(task: Task, model: str | Callable[[Any], Any], strategies: Optional[
 
             built, _ = factory(task)
             attention_targets(getattr(built, "lm", built))
+            del built  # not held through the runs
         out = claim_folder(Path(out), task, name, label_words, source)
     except InputError:
         raise

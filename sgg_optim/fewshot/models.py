@@ -57,10 +57,12 @@ def _position_limit(folder: Path) -> Optional[int]:
               if isinstance(getattr(cfg, k, None), int)), None)
     if (n is None or getattr(cfg, "position_embedding_type", "absolute") != "absolute"
             or getattr(cfg, "position_biased_input", True) is False  # DeBERTa-v3: relative positions only
-            or any(getattr(cfg, k, None) is not None for k in ("rope_theta", "rope_parameters", "rope_scaling"))):
+            or ("position_embedding_type" not in cfg.to_dict()  # an explicit "absolute" (ESM) wins
+                and any(getattr(cfg, k, None) is not None for k in ("rope_theta", "rope_parameters", "rope_scaling")))):
         return None  # rotary or relative: no table of absolute positions to run past
     if cfg.model_type in ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "longformer", "mpnet",
-                          "data2vec-text", "roberta-prelayernorm", "ibert") \
+                          "data2vec-text", "roberta-prelayernorm", "ibert", "xmod", "luke", "markuplm",
+                          "layoutlmv3", "esm") \
             and isinstance(getattr(cfg, "pad_token_id", None), int):
         n -= cfg.pad_token_id + 1
     return n if n > 0 else None

@@ -258,10 +258,10 @@ def head_names(model: nn.Module) -> frozenset[str]:
     for a model that names no body, those under a module named in :data:`HEAD_NAMES`."""
     names = [n for n, _ in model.named_parameters()]
     base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else None
-    if isinstance(base, nn.Module) and base is not model:  # a PEFT model: the base model's head modules,
-        tops = {n.split(".")[0] for n in head_names(base)}  # under the wrapper's prefix
-        inner = "base_model.model."
-        return frozenset(n for n in names if n.startswith(inner) and n[len(inner):].split(".")[0] in tops)
+    if isinstance(base, nn.Module) and base is not model:  # a PEFT model: the base model's head, at its path
+        at = next((n for n, m in model.named_modules() if m is base), None)  # (LoRA: base_model.model)
+        if at:
+            return frozenset(f"{at}.{n}" for n in head_names(base))
     prefix = getattr(model, "base_model_prefix", "")
     if prefix and any(n.startswith(prefix + ".") for n in names):
         return frozenset(n for n in names if not n.startswith(prefix + "."))
