@@ -222,9 +222,7 @@ class GuidedOptimizer(Optimizer):
                 raise ValueError(f"parameter {description} appears twice in {where}: guidance would count and "
                                  "rewrite its gradient twice; list each parameter once")
             seen.add(p)
-            _refuse_complex(p, lambda: description)
-            if getattr(p, "_fsdp_flattened", False) and _ranks() > 1:
-                raise NotImplementedError(_FSDP1)
+            _refuse_unguidable(p, lambda: description)
 
     def _guided(self) -> list[tuple[int, int, Tensor]]:
         """(flat index, block, param) of parameters that have a gradient this step; a
@@ -250,9 +248,7 @@ class GuidedOptimizer(Optimizer):
                                  "gradients (only the pass-through, direction='off', magnitude='off', "
                                  "nonfinite='propagate', steps sparse ones: it never reads a gradient)")
             # made complex after construction (model.to(torch.complex64) keeps the Parameter objects)
-            _refuse_complex(p, lambda: self._describe(i))  # described only when refused
-            if getattr(p, "_fsdp_flattened", False) and _ranks() > 1:
-                raise NotImplementedError(_FSDP1)
+            _refuse_unguidable(p, lambda: self._describe(i))  # described only when refused
             if p.grad.device.type == "meta":
                 raise ValueError(f"parameter {self._describe(i)} is on the meta device (no data): materialise "
                                  "the model (e.g. model.to_empty(device=...) and initialise it) before stepping")
@@ -453,7 +449,7 @@ class GuidedOptimizer(Optimizer):
         else:
             # The step's one host read: finiteness, coefficients and figures together (and, for
             # gradients of a narrower range than fp32's, the block norms that bound the rewrite).
-            narrow = any(_dtype_max(g.dtype) is not None for g in grads)
+            narrow = any(_dtype_max(dt) is not None for dt in {g.dtype for g in grads})
             host = self._host_read(stats, coef, narrow)
             if not math.isfinite(host[0]):
                 bad = self._first_nonfinite(guided, group)  # rare path: host reads are fine here
@@ -865,7 +861,10 @@ def _caller_outside_package() -> int:
     return level
 
 
-def _refuse_complex(p: Tensor, describe: Callable[[], str]) -> None:
+def _refuse_unguidable(p: Tensor, describe: Callable[[], str]) -> None:
+    """Complex parameters (or gradients), and FSDP1's flat shards in a run of several processes."""
+    if getattr(p, "_fsdp_flattened", False) and _ranks() > 1:
+        raise NotImplementedError(_FSDP1)
     if p.is_complex() or (p.grad is not None and p.grad.is_complex()):
         raise ValueError(f"parameter {describe()} is complex; guidance supports real parameters only "
                          "(view it as real with torch.view_as_real, or leave it out)")

@@ -31,26 +31,24 @@ _FORMAT_NAME = "sgg-optim-reference"
 _STATE_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "int8": "int8"}
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module whose parameter names users see: strips DDP's ``module.`` and
-    ``torch.compile``'s ``_orig_mod.`` prefixes, however nested."""
+def _layers(model: nn.Module) -> list[nn.Module]:
+    """``model`` and each module it wraps, outermost first: DDP's ``module`` and
+    ``torch.compile``'s ``_orig_mod``, however nested."""
+    layers = [model]
     while True:
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
         elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
             model = model._orig_mod
         else:
-            return model
+            return layers
+        layers.append(model)
 
 
-def _wrapped_in_ddp(model: nn.Module) -> bool:
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            return True
-        inner = getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            return False
-        model = inner
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module whose parameter names users see: strips DDP's ``module.`` and
+    ``torch.compile``'s ``_orig_mod.`` prefixes, however nested."""
+    return _layers(model)[-1]
 
 
 def _sum_over_ranks(sums: dict[str, Tensor], count: int, model: nn.Module, accelerator: Any) -> int:
@@ -61,7 +59,8 @@ def _sum_over_ranks(sums: dict[str, Tensor], count: int, model: nn.Module, accel
     is). DDP's backward and FSDP2's reduce-scatter already averaged them."""
     if (accelerator is None or getattr(accelerator, "num_processes", 1) <= 1
             or not (torch.distributed.is_available() and torch.distributed.is_initialized())
-            or _wrapped_in_ddp(model) or any(is_sharded(t) for t in sums.values())):
+            or any(isinstance(m, nn.parallel.DistributedDataParallel) for m in _layers(model))
+            or any(is_sharded(t) for t in sums.values())):
         return count
     for t in sums.values():  # the same order on every rank: named_parameters'
         torch.distributed.all_reduce(t)

@@ -268,11 +268,6 @@ def head_names(model: nn.Module) -> frozenset[str]:
     return frozenset(n for n in names if any(part in HEAD_NAMES for part in n.split(".")))
 
 
-def is_head(name: str, model: nn.Module) -> bool:
-    """True for a parameter of ``model``'s fresh classification head (:func:`head_names`)."""
-    return name in head_names(model)
-
-
 def without_head(reference: Any, model: nn.Module) -> Any:
     """``reference`` (one :class:`Reference` or a list) with the head's entries zero, bound
     to ``model``: a block whose reference is zero is left unguided."""
