@@ -78,15 +78,17 @@ case "${1:-main}" in
     for seed in 3 4; do
       bench "${COMMON[@]}" --seeds 1 --first-seed "$seed" --strategies "${MAIN/,cone-kshot/}"
     done
-    # K=32, seeds 3-4: the one setting where the defaults acted often (16-77% of steps) and
-    # separated from AdamW at three seeds (+0.8 [+0.1, +1.6], 9 pairs; 2026-12-02 15:20 UTC)
-    bench --tasks vader-amazon,rt-polarity,bbc-topic --shots 32 --lrs 2e-5,5e-5,1e-4,2e-4 --threads 1 \
-      --seeds 2 --first-seed 3 --strategies adamw,cone-ema --results "$HERE/benchmarks/results/protocol_v2.jsonl"
     # LP-FT with the recommended guided setting inside (issue 14): the guided row with the
     # best validation difference against AdamW so far (cone-source, 2026-12-02; none separates)
     for seed in 0 1 2 3 4; do
       bench "${COMMON[@]}" --seeds 1 --first-seed "$seed" --strategies lp-ft+cone-source
     done
+    # K=32, seeds 3-4: the one setting where the defaults acted often (16-77% of steps) and
+    # separated from AdamW at three seeds (+0.8 [+0.1, +1.6], 9 pairs; 2026-12-02 15:20 UTC).
+    # They ran beside the streams from 16:50 UTC, the anchors stream paused (protocol_v2.md);
+    # here so that a rerun of the stream finds them done or finishes them.
+    bench --tasks vader-amazon,rt-polarity,bbc-topic --shots 32 --lrs 2e-5,5e-5,1e-4,2e-4 --threads 1 \
+      --seeds 2 --first-seed 3 --strategies adamw,cone-ema --results "$HERE/benchmarks/results/protocol_v2.jsonl"
     # then seeds 3-4 of setfit+cone-ema, which the anchors stream leaves to this one (the
     # SetFit rows are the longest; the streams split them so that both end about together)
     for seed in 3 4; do
@@ -102,8 +104,10 @@ case "${1:-main}" in
     setfit 2
     ltuning 2
     smollm2_retention
-    setfit 3; ltuning 3
-    setfit 4; ltuning 4
+    # L-Tuning's seeds 3-4 before SetFit's seed 4 (issue 10 lists it among its five-seed
+    # rows; 2026-12-02 16:45 UTC they ran beside the streams, see protocol_v2.md)
+    setfit 3; ltuning 3; ltuning 4
+    setfit 4
     # SetFit's body tuned by GuidedAdamW (issue 14); SetFit's own loop takes an EMA reference only.
     # Seeds 3-4 run at the end of the main stream.
     for seed in 0 1 2; do
