@@ -173,9 +173,10 @@ class Reference:
         if key is None:
             hint = ""
             if self._bound and param not in self._bound:
-                hint = (" (the reference is bound to a model without this parameter: if that is another "
-                        "instance, bind it to the one being trained with ref.bind(model); if the parameter "
-                        "was added since, capture the reference again)")
+                hint = (" (the reference was captured on, or bound to, a model without this parameter: if "
+                        "an adapter added it since (PEFT's get_peft_model, a trainer's peft_config), capture "
+                        "the reference on the model as it is trained, e.g. trainer.model after the trainer "
+                        "is built; if the trained model is another instance, ref.bind(that_model))")
             elif not (self._bound or name):
                 hint = (" (the reference is not bound to a model: use Reference.load(path, model), "
                         "capture_reference(model, ...), ref.bind(model), or build the optimizer "

@@ -579,7 +579,7 @@ def test_a_parameter_unfrozen_after_the_references_were_set_is_named_and_nothing
 def test_a_reference_bound_to_another_instance_says_so():
     a, b = tiny_mlp(), tiny_mlp()
     ref = _ref(a)
-    with pytest.raises(ValueError, match=r"bound to a model without this parameter.*ref\.bind\(model\)"):
+    with pytest.raises(ValueError, match=r"bound to, a model without this parameter.*ref\.bind\(that_model\)"):
         GuidedAdamW(b.parameters(), lr=1e-2, reference=ref)
     GuidedAdamW(b.parameters(), lr=1e-2, reference=ref.bind(b))
 

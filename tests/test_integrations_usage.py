@@ -23,7 +23,7 @@ def test_peft_classification_head_in_modules_to_save_is_accepted():
         check_only_adapters_train(lora)
 
 
-def _trainer(max_grad_norm, tmp_path):
+def _trainer(max_grad_norm, tmp_path, learning_rate=1e-3, **args):
     from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
 
     from sgg_optim import GuidedAdamW
@@ -34,8 +34,8 @@ def _trainer(max_grad_norm, tmp_path):
                                                      num_attention_heads=2, intermediate_size=32, num_labels=2))
     data = [{"input_ids": torch.randint(0, 50, (8,)), "labels": i % 2} for i in range(16)]
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=4, logging_steps=2,
-                             max_grad_norm=max_grad_norm, report_to=[], use_cpu=True, save_strategy="no",
-                             disable_tqdm=True)
+                             max_grad_norm=max_grad_norm, learning_rate=learning_rate, report_to=[], use_cpu=True,
+                             save_strategy="no", disable_tqdm=True, **args)
     return Trainer(model=model, args=args, train_dataset=data, callbacks=[GuidanceCallback()],
                    optimizer_cls_and_kwargs=(GuidedAdamW, {"lr": 1e-3, "warmup_steps": 0}))
 
@@ -52,6 +52,22 @@ def test_callback_is_quiet_and_logs_guidance_with_max_grad_norm_0(tmp_path, recw
     assert not [w for w in recwarn if "clips gradients before" in str(w.message)]
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert logs and all("guidance/cos" in h and "guidance/grad_norm" in h for h in logs)
+
+
+def test_callback_warns_when_the_optimizer_keywords_leave_out_the_trainers_learning_rate(tmp_path, recwarn):
+    # optimizer_cls_and_kwargs gets no learning_rate from the Trainer: GuidedAdamW's own 1e-3 ran silently
+    trainer = _trainer(0.0, tmp_path, learning_rate=5e-5)
+    trainer.train()
+    lr = [w for w in recwarn if "TrainingArguments.learning_rate=5e-05" in str(w.message)]
+    assert len(lr) == 1 and "learning rate is 0.001" in str(lr[0].message)
+    assert trainer.state.log_history[0]["learning_rate"] > 5e-5  # what it warns about: the run used 1e-3
+
+
+def test_callback_is_quiet_about_the_learning_rate_under_a_warm_up_schedule(tmp_path, recwarn):
+    trainer = _trainer(0.0, tmp_path, warmup_steps=2)  # the schedule starts the lr at 0
+    trainer.train()
+    assert trainer.state.log_history[0]["learning_rate"] < 1e-3
+    assert not [w for w in recwarn if "TrainingArguments.learning_rate" in str(w.message)]
 
 
 def test_callback_adds_guidance_to_the_history_of_a_step_that_logged_nan():
