@@ -58,6 +58,12 @@ smollm2_retention() {
     --strategies pretrained,lora,lora+cone-icl,promot+lora --retention bbc-topic,bb-intent --retention-n 200 \
     --retention-k 4 --results "$HERE/benchmarks/results/retention_smollm2.jsonl"
 }
+# setfit+cone-ema for one seed, on the five binary tasks or on bbc-topic alone
+setfit_ema() {
+  local tasks=vader-amazon,vader-nyt,vader-tweets,rt-polarity,rt-subjectivity
+  [ "$1" = seed_bbc ] && tasks=bbc-topic
+  bench "${COMMON[@]}" --tasks "$tasks" --seeds 1 --first-seed "$2" --strategies setfit+cone-ema
+}
 case "${1:-main}" in
   main)
     # Order (set 2026-12-02 after two sessions of the grid): seeds 0-1 of the main rows and
@@ -89,11 +95,12 @@ case "${1:-main}" in
     # here so that a rerun of the stream finds them done or finishes them.
     bench --tasks vader-amazon,rt-polarity,bbc-topic --shots 32 --lrs 2e-5,5e-5,1e-4,2e-4 --threads 1 \
       --seeds 2 --first-seed 3 --strategies adamw,cone-ema --results "$HERE/benchmarks/results/protocol_v2.jsonl"
-    # then seeds 3-4 of setfit+cone-ema, which the anchors stream leaves to this one (the
-    # SetFit rows are the longest; the streams split them so that both end about together)
-    for seed in 3 4; do
-      bench "${COMMON[@]}" --seeds 1 --first-seed "$seed" --strategies setfit+cone-ema
-    done
+    # then setfit+cone-ema, split with the anchors stream so that both end about together.
+    # Binary tasks of every seed before bbc-topic (2026-12-02 19:35 UTC: a SetFit run on
+    # bbc-topic's 80 shots takes ~13 min, on a binary task ~1 min; 19 bbc-topic runs were left,
+    # more than one session, so the five binary tasks reach five seeds first).
+    setfit_ema seed_binary 3; setfit_ema seed_binary 4; setfit_ema seed_binary 2
+    setfit_ema seed_bbc 3; setfit_ema seed_bbc 4; setfit_ema seed_bbc 2
     ;;
   anchors)
     # SetFit (bbc-topic's 80 shots make many more pairs than 32: 10-20 min a run), interleaved with the
@@ -110,9 +117,9 @@ case "${1:-main}" in
     setfit 4
     # SetFit's body tuned by GuidedAdamW (issue 14); SetFit's own loop takes an EMA reference only.
     # Seeds 3-4 run at the end of the main stream.
-    for seed in 0 1 2; do
-      bench "${COMMON[@]}" --seeds 1 --first-seed "$seed" --strategies setfit+cone-ema
-    done
+    # The main stream runs seeds 2-4 (binary tasks first, then bbc-topic: see there).
+    setfit_ema seed_binary 0; setfit_ema seed_binary 1
+    setfit_ema seed_bbc 0; setfit_ema seed_bbc 1
     ;;
   *) echo "usage: $0 main|anchors" >&2; exit 2 ;;
 esac
