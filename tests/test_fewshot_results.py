@@ -362,3 +362,26 @@ def test_bench_report_compares_drops_against_the_baseline_it_is_given(tmp_path, 
     assert "drop - lora's drop" in out
     line = next(x for x in out.splitlines() if x.startswith("| promot+lora | other |"))
     assert "-5.0 [" in line and line.endswith("| forgets less |")
+
+
+def test_choice_split_parts_sum_to_the_chosen_lr_difference():
+    import random
+    rng = random.Random(0)
+    lrs = (2e-5, 5e-5, 1e-4)
+    rows = [_row(t, seed, s, lr, round(rng.random(), 1), rng.random())
+            for t in ("a", "b") for seed in range(4) for s in ("row", "base") for lr in lrs]
+    rows.append(_row("a", 9, "row", 2e-5, 0.5, 0.5))  # no baseline pair: left out
+    split = results.choice_split(rows, "row", "base")
+    chosen = results.chosen_by_strategy(rows)
+    assert sorted(split) == sorted(set(chosen["row"]) & set(chosen["base"])) and len(split) == 8
+    for pair, s in split.items():
+        row, base = chosen["row"][pair], chosen["base"][pair]
+        assert s.difference == pytest.approx(row["accuracy"] - base["accuracy"])
+        base_at_row_lr = next(r["accuracy"] for r in rows if r["strategy"] == "base"
+                              and (r["task"], r["seed"], r["lr"]) == (pair[0], pair[2], row["lr"]))
+        assert s.at_row_lr == pytest.approx(row["accuracy"] - base_at_row_lr)
+        assert s.at_row_lr + s.lr_choice == pytest.approx(s.difference)
+        assert s.same_lr == (row["lr"] == base["lr"])
+        if s.same_lr:
+            assert s.lr_choice == 0.0
+    assert any(s.same_lr for s in split.values()) and not all(s.same_lr for s in split.values())

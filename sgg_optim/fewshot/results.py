@@ -44,7 +44,7 @@ import random
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Iterable, Mapping, NamedTuple, Optional, Sequence
 
 from . import metrics
 
@@ -224,6 +224,49 @@ def chosen_by_strategy(rows: Iterable[Mapping[str, Any]], lrs: Optional[Mapping[
     out: dict[str, dict[tuple, Mapping[str, Any]]] = defaultdict(dict)
     for key, r in choose_lr(rows, lrs).items():
         out[key[-1]][key[:-1]] = r
+    return out
+
+
+class ChoiceSplit(NamedTuple):
+    """One pair's chosen-lr difference (row - baseline) and its two parts (:func:`choice_split`)."""
+
+    difference: float
+    at_row_lr: float
+    lr_choice: float
+    same_lr: bool
+
+
+def choice_split(rows: Iterable[Mapping[str, Any]], strategy: str, baseline: str,
+                 lrs: Optional[Mapping[str, Sequence[float]]] = None) -> dict[tuple, ChoiceSplit]:
+    """Per (task, K, seed): the chosen-lr accuracy difference and its two parts.
+
+    Each row is compared at the lr *it* chose on validation, so the difference is exactly
+    ``row(lr_row) - base(lr_base) = [row(lr_row) - base(lr_row)] + [base(lr_row) - base(lr_base)]``:
+    the row's effect at a fixed lr (its own choice), and what that choice of lr would have
+    done to the baseline (0 where both chose the same lr). Returns ``{pair: ChoiceSplit}``
+    over the pairs where both rows were chosen and the baseline ran at the row's lr.
+
+    >>> def run(s, lr, val, acc):
+    ...     return {"task": "t", "k": 2, "seed": 0, "strategy": s, "lr": lr, "val_acc": val, "accuracy": acc}
+    >>> rows = [run("base", 1e-4, 0.7, 0.60), run("base", 2e-4, 0.6, 0.80),
+    ...         run("row", 1e-4, 0.6, 0.70), run("row", 2e-4, 0.7, 0.85)]
+    >>> split = choice_split(rows, "row", "base")[("t", 2, 0)]
+    >>> [round(x, 2) for x in split[:3]], split.same_lr
+    ([0.25, 0.05, 0.2], False)
+    """
+    rows = list(rows)
+    chosen = chosen_by_strategy(rows, lrs)
+    row, base = chosen.get(strategy, {}), chosen.get(baseline, {})
+    base_at = {(pair_of(r), float(r.get("lr", 0.0))): _num(r.get("accuracy")) for r in rows
+               if r["strategy"] == baseline}
+    out = {}
+    for pair in sorted(set(row) & set(base)):
+        lr_row, lr_base = float(row[pair].get("lr", 0.0)), float(base[pair].get("lr", 0.0))
+        at_row_lr = base_at.get((pair, lr_row))
+        if at_row_lr is None:
+            continue
+        acc_row, acc_base = _num(row[pair].get("accuracy")), _num(base[pair].get("accuracy"))
+        out[pair] = ChoiceSplit(acc_row - acc_base, acc_row - at_row_lr, at_row_lr - acc_base, lr_row == lr_base)
     return out
 
 
