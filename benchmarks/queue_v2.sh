@@ -65,6 +65,10 @@ setfit_ema() {
   bench "${COMMON[@]}" --tasks "$tasks" --seeds 1 --first-seed "$2" --strategies setfit+cone-ema \
     ${3:+--lrs "$3"}  # a third argument: these lrs only (a seed split between the streams)
 }
+# LP-FT with the defaults inside, on all six tasks (issue 14 asks lp-ft+guided on the same
+# six tasks; lp-ft+cone-source needs a binary target and covers five). Added 2026-12-03
+# after the rest of the grid had finished; it chooses nothing.
+lpft_ema() { bench "${COMMON[@]}" --seeds 1 --first-seed "$1" --strategies lp-ft+cone-ema; }
 case "${1:-main}" in
   main)
     # Order (set 2026-12-02 after two sessions of the grid): seeds 0-1 of the main rows and
@@ -102,6 +106,7 @@ case "${1:-main}" in
     # more than one session, so the five binary tasks reach five seeds first).
     setfit_ema seed_binary 3; setfit_ema seed_binary 4; setfit_ema seed_binary 2
     setfit_ema seed_bbc 3; setfit_ema seed_bbc 4; setfit_ema seed_bbc 2 2e-5,5e-5
+    lpft_ema 0; lpft_ema 2; lpft_ema 4
     ;;
   anchors)
     # SetFit (bbc-topic's 80 shots make many more pairs than 32: 10-20 min a run), interleaved with the
@@ -121,6 +126,7 @@ case "${1:-main}" in
     # bbc-topic runs are split by lr between the streams, so that both end about together.
     setfit_ema seed_binary 0; setfit_ema seed_binary 1
     setfit_ema seed_bbc 0; setfit_ema seed_bbc 1; setfit_ema seed_bbc 2 1e-4,2e-4
+    lpft_ema 1; lpft_ema 3
     ;;
   *) echo "usage: $0 main|anchors" >&2; exit 2 ;;
 esac
