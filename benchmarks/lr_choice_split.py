@@ -2,13 +2,13 @@
 """Where a chosen-lr difference comes from: the row at a fixed lr, or the lr choice.
 
 At the validation-chosen lr a row and its baseline are compared on each (task, K, seed)
-pair at the lr each one chose. That difference is exactly the sum of two parts
-(:func:`sgg_optim.fewshot.results.choice_split`): the row's effect at the lr it chose, and
-what choosing that lr instead of the baseline's would have done to the baseline itself
-(zero where both chose the same lr). A method that helps shows it in the first part; the
-second is the luck of a choice made on 16 validation examples per class. This prints
-both, over all pairs, split by whether the choices agree, and by task, from a results
-file (nothing trained).
+pair at the lr each one chose. That difference splits exactly, in either order
+(:func:`sgg_optim.fewshot.results.choice_split`), into the row's effect at one fixed lr
+(the row's chosen lr, or the baseline's) and what the other lr choice does (to the
+baseline, or to the row; zero where both chose the same lr). A method that helps shows it
+in the fixed-lr part whichever lr is held; the rest comes with a choice made on 16
+validation examples per class. This prints both orders, over all pairs, split by
+whether the choices agree, and by task, from a results file (nothing trained).
 
     python benchmarks/lr_choice_split.py benchmarks/results/protocol_v2.jsonl \\
         --row setfit+cone-ema --baseline setfit
@@ -47,15 +47,20 @@ def main() -> None:
     for pair, parts in choice_split(rows, args.row, args.baseline).items():
         for g in ("all pairs", "same lr chosen" if parts.same_lr else "different lr chosen", pair[0]):
             groups[g].append(parts)
-    print(f"{args.row} - {args.baseline}, accuracy points, each at its validation-chosen lr (K={args.k})\n")
-    print(f"| pairs | n | Δ [95% CI] | {args.row} - {args.baseline} at {args.row}'s lr "
-          f"| {args.baseline} at {args.row}'s lr - at its own |")
-    print("|---|---|---|---|---|")
+    print(f"{args.row} - {args.baseline}, accuracy points, each at its validation-chosen lr (K={args.k}); "
+          f"the row's effect at a fixed lr, and the lr choice's part (the rest)\n")
+    r, b = args.row, args.baseline
+    print(f"| pairs | n | Δ [95% CI] | at {r}'s lr | the rest ({b} at {r}'s lr - at its own) "
+          f"| at {b}'s lr | the rest ({r} at its lr - at {b}'s) |")
+    print("|---|---|---|---|---|---|---|")
     order = ["all pairs", "same lr chosen", "different lr chosen"]
     for g in order + sorted(set(groups) - set(order)):
         if groups.get(g):
-            cols = [_cell([p[i] for p in groups[g]]) for i in range(3)]
-            print(f"| {g} | {len(groups[g])} | " + " | ".join(cols) + " |")
+            splits = groups[g]
+            cols = [[p.difference for p in splits], [p.at_row_lr for p in splits],
+                    [p.difference - p.at_row_lr for p in splits], [p.at_baseline_lr for p in splits],
+                    [p.difference - p.at_baseline_lr for p in splits]]
+            print(f"| {g} | {len(splits)} | " + " | ".join(map(_cell, cols)) + " |")
 
 
 if __name__ == "__main__":

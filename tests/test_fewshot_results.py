@@ -364,7 +364,7 @@ def test_bench_report_compares_drops_against_the_baseline_it_is_given(tmp_path, 
     assert "-5.0 [" in line and line.endswith("| forgets less |")
 
 
-def test_choice_split_parts_sum_to_the_chosen_lr_difference():
+def test_choice_split_effects_at_each_chosen_lr():
     import random
     rng = random.Random(0)
     lrs = (2e-5, 5e-5, 1e-4)
@@ -377,11 +377,12 @@ def test_choice_split_parts_sum_to_the_chosen_lr_difference():
     for pair, s in split.items():
         row, base = chosen["row"][pair], chosen["base"][pair]
         assert s.difference == pytest.approx(row["accuracy"] - base["accuracy"])
-        base_at_row_lr = next(r["accuracy"] for r in rows if r["strategy"] == "base"
-                              and (r["task"], r["seed"], r["lr"]) == (pair[0], pair[2], row["lr"]))
-        assert s.at_row_lr == pytest.approx(row["accuracy"] - base_at_row_lr)
-        assert s.at_row_lr + s.lr_choice == pytest.approx(s.difference)
+        def acc(strategy, lr):
+            return next(r["accuracy"] for r in rows if r["strategy"] == strategy
+                        and (r["task"], r["seed"], r["lr"]) == (pair[0], pair[2], lr))
+        assert s.at_row_lr == pytest.approx(row["accuracy"] - acc("base", row["lr"]))
+        assert s.at_baseline_lr == pytest.approx(acc("row", base["lr"]) - base["accuracy"])
         assert s.same_lr == (row["lr"] == base["lr"])
         if s.same_lr:
-            assert s.lr_choice == 0.0
+            assert s.at_row_lr == s.at_baseline_lr == pytest.approx(s.difference)
     assert any(s.same_lr for s in split.values()) and not all(s.same_lr for s in split.values())

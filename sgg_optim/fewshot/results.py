@@ -228,23 +228,29 @@ def chosen_by_strategy(rows: Iterable[Mapping[str, Any]], lrs: Optional[Mapping[
 
 
 class ChoiceSplit(NamedTuple):
-    """One pair's chosen-lr difference (row - baseline) and its two parts (:func:`choice_split`)."""
+    """One pair's chosen-lr difference (row - baseline) and the row's effect at each of the
+    two chosen lrs (:func:`choice_split`)."""
 
     difference: float
     at_row_lr: float
-    lr_choice: float
+    at_baseline_lr: float
     same_lr: bool
 
 
 def choice_split(rows: Iterable[Mapping[str, Any]], strategy: str, baseline: str,
                  lrs: Optional[Mapping[str, Sequence[float]]] = None) -> dict[tuple, ChoiceSplit]:
-    """Per (task, K, seed): the chosen-lr accuracy difference and its two parts.
+    """Per (task, K, seed): the chosen-lr accuracy difference, and the row's effect at a fixed lr.
 
-    Each row is compared at the lr *it* chose on validation, so the difference is exactly
-    ``row(lr_row) - base(lr_base) = [row(lr_row) - base(lr_row)] + [base(lr_row) - base(lr_base)]``:
-    the row's effect at a fixed lr (its own choice), and what that choice of lr would have
-    done to the baseline (0 where both chose the same lr). Returns ``{pair: ChoiceSplit}``
-    over the pairs where both rows were chosen and the baseline ran at the row's lr.
+    Each row is compared at the lr *it* chose on validation. With ``r`` the row, ``b`` the
+    baseline and ``lr_r``, ``lr_b`` their choices, the difference splits exactly, in either
+    order, into the row's effect at one fixed lr and what the other lr does to one of them:
+
+    ``r(lr_r) - b(lr_b) = [r(lr_r) - b(lr_r)] + [b(lr_r) - b(lr_b)] = [r(lr_b) - b(lr_b)] + [r(lr_r) - r(lr_b)]``
+
+    ``at_row_lr`` and ``at_baseline_lr`` are the first brackets; the rest of
+    ``difference`` is the lr choice's part (0 where both chose the same lr). Returns
+    ``{pair: ChoiceSplit}`` over the pairs where both rows were chosen and each ran at the
+    other's lr.
 
     >>> def run(s, lr, val, acc):
     ...     return {"task": "t", "k": 2, "seed": 0, "strategy": s, "lr": lr, "val_acc": val, "accuracy": acc}
@@ -252,21 +258,21 @@ def choice_split(rows: Iterable[Mapping[str, Any]], strategy: str, baseline: str
     ...         run("row", 1e-4, 0.6, 0.70), run("row", 2e-4, 0.7, 0.85)]
     >>> split = choice_split(rows, "row", "base")[("t", 2, 0)]
     >>> [round(x, 2) for x in split[:3]], split.same_lr
-    ([0.25, 0.05, 0.2], False)
+    ([0.25, 0.05, 0.1], False)
     """
     rows = list(rows)
     chosen = chosen_by_strategy(rows, lrs)
     row, base = chosen.get(strategy, {}), chosen.get(baseline, {})
-    base_at = {(pair_of(r), float(r.get("lr", 0.0))): _num(r.get("accuracy")) for r in rows
-               if r["strategy"] == baseline}
+    acc = {(r["strategy"], pair_of(r), float(r.get("lr", 0.0))): _num(r.get("accuracy")) for r in rows
+           if r["strategy"] in (strategy, baseline)}
     out = {}
     for pair in sorted(set(row) & set(base)):
-        lr_row, lr_base = float(row[pair].get("lr", 0.0)), float(base[pair].get("lr", 0.0))
-        at_row_lr = base_at.get((pair, lr_row))
-        if at_row_lr is None:
+        lr_r, lr_b = float(row[pair].get("lr", 0.0)), float(base[pair].get("lr", 0.0))
+        b_at_r, r_at_b = acc.get((baseline, pair, lr_r)), acc.get((strategy, pair, lr_b))
+        if b_at_r is None or r_at_b is None:
             continue
-        acc_row, acc_base = _num(row[pair].get("accuracy")), _num(base[pair].get("accuracy"))
-        out[pair] = ChoiceSplit(acc_row - acc_base, acc_row - at_row_lr, at_row_lr - acc_base, lr_row == lr_base)
+        r, b = acc[(strategy, pair, lr_r)], acc[(baseline, pair, lr_b)]
+        out[pair] = ChoiceSplit(r - b, r - b_at_r, r_at_b - b, lr_r == lr_b)
     return out
 
 
