@@ -88,8 +88,10 @@ def summary_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def check_strategies(strategies: Sequence[str], source: Optional[Task], task: Optional[Task] = None) -> list[Any]:
-    """The strategies, or ``ValueError`` for an unknown one, one that needs a source task
-    when none is given, or one whose source cannot serve ``task`` (before anything trains)."""
+    """The strategies, or ``ValueError`` for an unknown one, one that needs a package that is
+    not installed (naming the extra), one that needs a source task when none is given, or
+    one whose source cannot serve ``task`` (before anything trains)."""
+    from .grid import missing_requirement
     from .protocol import source_compatible
     from .strategies import get_strategy
 
@@ -99,6 +101,9 @@ def check_strategies(strategies: Sequence[str], source: Optional[Task], task: Op
             st = get_strategy(name)
         except KeyError as e:
             raise ValueError(str(e.args[0])) from None
+        needs = missing_requirement(st)
+        if needs:
+            raise ValueError(needs)
         if st.reference in ("source", "icl") and source is None:
             raise ValueError(f"strategy {name} guides toward a source task's gradient: give --source "
                              "(a built-in task or a file with the same columns), or use a *-kshot / *-ema row")

@@ -52,15 +52,24 @@ def _progress(total: int, desc: str):
 ROW_EXTRAS = {"setfit": "anchors"}  # module a row needs -> the extra that installs it
 
 
-def check_requirements(strategies: Any) -> None:
-    """Stop before any work when a row needs a package that is not installed, naming the extra."""
+def missing_requirement(strategy: Any) -> Optional[str]:
+    """What to install when ``strategy`` needs a package that is not installed (naming the
+    extra that brings it), else ``None``."""
     import importlib.util
 
+    for module in strategy.requires:
+        if importlib.util.find_spec(module) is None:
+            return (f"strategy {strategy.name} needs the {module} package; install it with "
+                    f"pip install 'sgg-optim[{ROW_EXTRAS.get(module, module)}]'")
+    return None
+
+
+def check_requirements(strategies: Any) -> None:
+    """Stop before any work when a row needs a package that is not installed, naming the extra."""
     for st in strategies:
-        for module in st.requires:
-            if importlib.util.find_spec(module) is None:
-                raise SystemExit(f"sgg-optim: strategy {st.name} needs the {module} package; install it with "
-                                 f"pip install 'sgg-optim[{ROW_EXTRAS.get(module, module)}]'")
+        why = missing_requirement(st)
+        if why:
+            raise SystemExit(f"sgg-optim: {why}")
 
 
 def model_factory(name: str, label_words: Optional[Sequence[str]] = None, kind: str = "auto") -> Any:
