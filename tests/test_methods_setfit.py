@@ -129,7 +129,7 @@ def test_a_sentence_transformers_folder_keeps_its_own_pooling(tiny_folder, tmp_p
 
 
 def _user_files(tmp_path):
-    """A user's labelled file (two sentiment words per class, enough rows for shots, validation and test)."""
+    """A user's labelled file (four sentiment words per class, enough rows for shots, validation and test)."""
     import json
 
     pos, neg = ["good", "great", "fine", "lovely"], ["bad", "awful", "poor", "dull"]
