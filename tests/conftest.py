@@ -1,8 +1,9 @@
-"""Shared fixtures: tiny deterministic models and a fixed data stream."""
+"""Shared fixtures: tiny deterministic models, a fixed data stream and a user's labelled file."""
 
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -83,3 +84,21 @@ class GradientWatch:
         assert len(self.changed) == len(self.stats) > 0
         assert self.changed == self.acted, list(zip(self.changed, self.acted))
         assert sum(self.changed) >= min_steps, self.changed
+
+
+POS, NEG = ["good", "great", "fine", "lovely"], ["bad", "awful", "poor", "dull"]
+FILL = ["the", "film", "was", "it", "is", "very"]
+
+
+def rows(n=40):
+    """Labelled rows as a user's file holds them: text, a hypothesis column and a string label."""
+    return [{"text": f"the film was {(POS if i % 2 else NEG)[i % 4]}", "hyp": f"it is {(POS if i % 2 else NEG)[0]}",
+             "label": "pos" if i % 2 else "neg"} for i in range(n)]
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    """``rows()`` written as a JSONL file (``sgg-optim compare --data``)."""
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows()))
+    return path

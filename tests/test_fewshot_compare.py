@@ -17,20 +17,13 @@ from transformers import (  # noqa: E402
     PreTrainedTokenizerFast,
 )
 
+from conftest import FILL, NEG, POS, rows  # noqa: E402
+
 from sgg_optim import GuidedOptimizer, Reference  # noqa: E402
 from sgg_optim.fewshot import cli, protocol  # noqa: E402
 from sgg_optim.fewshot.compare import compare  # noqa: E402
 from sgg_optim.fewshot.data import load_data  # noqa: E402
 from sgg_optim.fewshot.results import KEY_FIELDS, ResultsFile  # noqa: E402
-
-POS, NEG = ["good", "great", "fine", "lovely"], ["bad", "awful", "poor", "dull"]
-FILL = ["the", "film", "was", "it", "is", "very"]
-
-
-def rows(n=40):
-    return [{"text": f"the film was {(POS if i % 2 else NEG)[i % 4]}", "hyp": f"it is {(POS if i % 2 else NEG)[0]}",
-             "label": "pos" if i % 2 else "neg"} for i in range(n)]
-
 
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory):
@@ -63,13 +56,6 @@ def llama_dir(tmp_path_factory):
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     LlamaForCausalLM(cfg).save_pretrained(str(d))
     return d
-
-
-@pytest.fixture
-def data_file(tmp_path):
-    path = tmp_path / "mine.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows()))
-    return path
 
 
 def test_registry_loads_an_encoder_folder_with_a_fresh_head(bert_dir):

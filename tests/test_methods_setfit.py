@@ -128,22 +128,10 @@ def test_a_sentence_transformers_folder_keeps_its_own_pooling(tiny_folder, tmp_p
     assert not any(isinstance(m, models.Normalize) for m in seen["body"])  # the folder has none
 
 
-def _user_files(tmp_path):
-    """A user's labelled file (four sentiment words per class, enough rows for shots, validation and test)."""
-    import json
-
-    pos, neg = ["good", "great", "fine", "lovely"], ["bad", "awful", "poor", "dull"]
-    rows = [{"text": f"the film was {w} {i}", "label": "pos" if w in pos else "neg"}
-            for i in range(12) for w in pos + neg]
-    path = tmp_path / "mine.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def test_compare_runs_the_setfit_rows_on_a_users_data(tiny_folder, tmp_path):
+def test_compare_runs_the_setfit_rows_on_a_users_data(tiny_folder, data_file, tmp_path):
     pytest.importorskip("setfit")
     out = tmp_path / "cmp"
-    argv = ["compare", "--data", str(_user_files(tmp_path)), "--text-column", "text", "--label-column", "label",
+    argv = ["compare", "--data", str(data_file), "--text-column", "text", "--label-column", "label",
             "--model", str(tiny_folder), "--shots", "2", "--seeds", "1", "--steps", "2", "--lrs", "1e-3",
             "--strategies", "adamw,setfit,setfit+cone-ema", "--out", str(out), "--threads", "1"]
     assert cli.main(argv) == 0
@@ -154,13 +142,13 @@ def test_compare_runs_the_setfit_rows_on_a_users_data(tiny_folder, tmp_path):
     assert "setfit+cone-ema" in (out / "report.md").read_text()
 
 
-def test_compare_without_setfit_stops_before_creating_anything(tiny_folder, tmp_path, monkeypatch):
+def test_compare_without_setfit_stops_before_creating_anything(tiny_folder, data_file, tmp_path, monkeypatch):
     from sgg_optim.fewshot import compare as compare_mod
     from sgg_optim.fewshot.data import load_data
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "setfit" else real(name, *a))
-    task = load_data(_user_files(tmp_path), text_column="text", label_column="label")
+    task = load_data(data_file, text_column="text", label_column="label")
     out = tmp_path / "cmp"
     with pytest.raises(compare_mod.InputError, match=r"setfit\+cone-ema needs the setfit.*sgg-optim\[anchors\]"):
         compare_mod.compare(task, str(tiny_folder), ["adamw", "setfit+cone-ema"], shots=2, seeds=1, steps=2,
